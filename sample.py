@@ -1,0 +1,85 @@
+"""Sample images from the teacher (multi-step), the one-step teacher before distillation, or the student.
+
+    python sample.py --model teacher --sampling-steps 25       # DDIM-25 (eta 0); --full-ddpm for all T steps
+    python sample.py --model onestep-teacher                   # G(z) = x̂0 of the teacher at t = T-1
+    python sample.py --model student --out runs/mnist/samples  # the distilled one-step generator
+
+Sample i uses noise seed seed+i and (class-conditional) label i % 10, so every model sees the same inputs.
+Writes a PNG grid; with --out DIR also DIR/samples.npz (uint8 images N x H x W x C, labels).
+"""
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import save_grid
+from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, die, finish_args, load_teacher, number,
+                    one_step, sample_teacher, script_parser, seeded_noise)
+
+MODELS = ("teacher", "onestep-teacher", "student", "student-ema")
+
+
+def main():
+    p = script_parser(__doc__.split("\n")[0])
+    p.add_argument("--model", default="teacher", choices=MODELS, help="what to sample from")
+    p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
+    p.add_argument("--student", default=None, help="student folder; default <run-dir>/dmd/student (or student_ema)")
+    p.add_argument("--num-samples", type=number(int, 0), default=80, help="how many images")
+    p.add_argument("--batch-size", type=number(int, 0), default=64, help="images per forward pass")
+    p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps for --model teacher")
+    p.add_argument("--full-ddpm", action="store_true", help="ancestral DDPM over all T steps instead of DDIM (slow)")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=2.0, help="guidance scale for the multi-step teacher (class-conditional only)")
+    p.add_argument("--out", default=None, help="folder for samples.npz and grid.png; default: grid only, in <run-dir>/samples/")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = finish_args(p.parse_args())
+    spec = DATASETS[args.dataset]
+    source = model_source(args)
+    backbone, scheduler = load_teacher(source)
+    check_image_shape(backbone, args.dataset, source)
+    den = Denoiser(backbone, scheduler).to(args.device).eval()
+    images, labels = generate(den, args.model, range(args.num_samples), spec["shape"], args)
+    out = args.out or os.path.join(args.run_dir, "samples")
+    os.makedirs(out, exist_ok=True)
+    name = f"{args.model}" + (f"-ddpm{den.T}" if args.full_ddpm else f"-ddim{args.sampling_steps}" if args.model == "teacher" else "")
+    save_grid(images[:80], os.path.join(out, f"{name}.png"), nrow=8 if den.num_classes == 0 else 10)
+    if args.out:
+        u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.savez(os.path.join(out, "samples.tmp.npz"), images=u8,
+                 labels=labels.numpy() if labels is not None else np.zeros(0, np.int64))
+        os.replace(os.path.join(out, "samples.tmp.npz"), os.path.join(out, "samples.npz"))
+    print(f"{name}: {len(images)} images -> {out}/{name}.png" + (f" and {out}/samples.npz" if args.out else ""))
+
+
+def model_source(args):
+    if args.model in ("teacher", "onestep-teacher"):
+        return args.teacher or (os.path.join(args.run_dir, "teacher") if DATASETS[args.dataset]["teacher"] is None
+                                or os.path.isdir(os.path.join(args.run_dir, "teacher")) else DATASETS[args.dataset]["teacher"])
+    folder = args.student or os.path.join(args.run_dir, "dmd", "student_ema" if args.model == "student-ema" else "student")
+    if not os.path.isdir(folder):
+        die(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema) or pass --student")
+    return folder
+
+
+@torch.no_grad()
+def generate(den, model, indices, shape, args):
+    """Images in [-1, 1] (on the CPU) and labels for the given sample indices."""
+    images, labels = [], []
+    indices = list(indices)
+    for i in tqdm(range(0, len(indices), args.batch_size), desc=model, leave=False):
+        idx = indices[i:i + args.batch_size]
+        z = seeded_noise(idx, shape, args.seed)
+        y = balanced_labels(idx, den.num_classes)
+        z, y_dev = z.to(args.device), (y.to(args.device) if y is not None else None)
+        if model == "teacher":
+            x = sample_teacher(den, z, y_dev, args.sampling_steps, args.guidance, ddpm=args.full_ddpm,
+                               generator=torch.Generator(args.device).manual_seed(args.seed + idx[0]))
+        else:
+            x = one_step(den, z, y_dev)
+        images.append(x.float().cpu())
+        labels.append(y)
+    return torch.cat(images), (torch.cat(labels) if den.num_classes else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Train a DDPM teacher (µbase) where no pretrained one can be had (MNIST, CelebA).
+
+    python train_teacher.py --dataset mnist                         # the seed's size: n_feat 128, 20 epochs
+    python train_teacher.py --n-feat 32 --max-minutes 9 --lr 1e-3   # CPU size
+    accelerate launch train_teacher.py ...                          # data-parallel over processes / GPUs
+
+Writes <run-dir>/teacher/ in diffusers format (config.json, diffusion_pytorch_model.safetensors,
+scheduler_config.json), train_config.json, samples.png; train_state.pt while training, for --resume.
+"""
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from data import load_dataset, save_grid
+from models import (DATASETS, Denoiser, die, finish_args, load_state, make_teacher, number, sample_teacher,
+                    save_state, save_teacher, script_parser, write_json)
+
+
+def main():
+    p = script_parser(__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=None, help="dataset folder (MNIST IDX files, cifar-10-batches-py, or images)")
+    p.add_argument("--epochs", type=number(int, 0), default=20, help="passes over the data (the seed: 20)")
+    p.add_argument("--max-steps", type=number(int, 0), default=None, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--max-minutes", type=number(float, 0), default=None, help="stop after this much wall time (CPU demo budget)")
+    p.add_argument("--batch-size", type=number(int, 0), default=256, help="global batch (the seed's source: 256)")
+    p.add_argument("--lr", type=number(float, 0), default=1e-4, help="AdamW learning rate (the seed's source: 1e-4)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="cosine decays to 0 at the last step")
+    p.add_argument("--warmup-steps", type=number(int, 0, inclusive=True), default=0, help="linear warm-up steps")
+    p.add_argument("--n-feat", type=number(int, 0), default=128, help="MNIST ContextUnet width (128 = the seed's 6.6M params)")
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
+                   help="what the backbone predicts; v gives clean one-step images before distillation")
+    p.add_argument("--label-dropout", type=number(float, 0, inclusive=True), default=0.1,
+                   help="fraction of labels replaced by the null label, so the teacher supports guidance")
+    p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0, help="EMA decay of the saved weights (0 = off)")
+    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="max gradient norm")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype (bf16 is faster on CPUs with bf16 units and on GPUs)")
+    p.add_argument("--num-workers", type=number(int, 0, inclusive=True), default=0, help="data loader workers")
+    p.add_argument("--log-every", type=number(int, 0), default=50, help="status line every N steps")
+    p.add_argument("--ckpt-every", type=number(int, 0), default=500, help="save weights + training state every N steps")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=2.0, help="guidance scale of the sample grid (conditional teachers)")
+    p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps of the sample grid")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/teacher/train_state.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished teacher in <run-dir>/teacher/")
+    args = finish_args(p.parse_args())
+    out = os.path.join(args.run_dir, "teacher")
+    state_path = os.path.join(out, "train_state.pt")
+    if os.path.exists(os.path.join(out, "train_config.json")) and not (args.overwrite or args.resume):
+        die(f"{out} already holds a teacher: pass --overwrite to replace it, --resume to continue it, or another --run-dir")
+    if args.resume and not os.path.exists(state_path):
+        die(f"--resume: no {state_path} to resume from; drop --resume to start a new run")
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % world:
+        die(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
+    dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process)
+    backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat)
+    model = Denoiser(backbone, scheduler).to(accelerator.device)
+    ema = AveragedModel(model.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    steps_per_epoch = len(dataset) // args.batch_size
+    if steps_per_epoch == 0:
+        die(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): use a smaller batch")
+    total = args.max_steps or args.epochs * steps_per_epoch
+    lr_sched = get_scheduler(args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=total)
+    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, t and label dropout
+    step = 0
+    if args.resume:
+        state = load_state(state_path)
+        model.backbone.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        lr_sched.load_state_dict(state["lr_sched"])
+        if ema:
+            ema.load_state_dict(state["ema"])
+        gen.set_state(state["gen"][rank])
+        step = state["step"]
+    model, opt = accelerator.prepare(model, opt)
+    den = accelerator.unwrap_model(model)
+    config = dict(vars(args), num_processes=world, params=sum(p.numel() for p in backbone.parameters()),
+                  total_steps=total, shape=DATASETS[args.dataset]["shape"])
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        print("config:", config)
+
+    def save(final):
+        if not accelerator.is_main_process:
+            return
+        save_teacher(ema.module if ema else den.backbone, scheduler, out)  # weights first, then the state
+        if final:
+            write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
+
+    def checkpoint():
+        gens = accelerator.gather(torch.stack([gen.get_state()]).to(accelerator.device)).cpu()
+        save(final=False)
+        if accelerator.is_main_process:
+            save_state(dict(model=den.backbone.state_dict(), opt=opt.state_dict(),
+                            lr_sched=lr_sched.state_dict(), ema=ema.state_dict() if ema else {}, gen=list(gens),
+                            step=step), state_path)
+
+    t0, t_log, stop = time.time(), time.time(), False
+    bar = tqdm(total=total, initial=step, desc="teacher", disable=not accelerator.is_main_process)
+    while step < total and not stop:
+        epoch, offset = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
+        idx = perm[: steps_per_epoch * args.batch_size].view(steps_per_epoch, args.batch_size)[offset:, rank::world]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=idx.tolist(), num_workers=args.num_workers)
+        for x0, y in loader:
+            x0, y = x0.to(accelerator.device), y.to(accelerator.device)
+            B, T = x0.shape[0], scheduler.config.num_train_timesteps
+            eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+            t = torch.randint(0, T, (B,), generator=gen).to(x0.device)
+            drop = torch.rand(B, generator=gen).to(x0.device) < args.label_dropout
+            y = torch.where(drop, torch.full_like(y, den.num_classes), y)  # the null label
+            with accelerator.autocast():
+                loss = F.mse_loss(model(den.add_noise(x0, eps, t), t, y).float(), den.target(x0, eps, t).float())
+            if not torch.isfinite(loss):
+                die(f"loss is {loss.item()} at step {step}: lower --lr; the last good checkpoint is in {out}")
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            if ema:
+                ema.update_parameters(accelerator.unwrap_model(model).backbone)
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 and accelerator.is_main_process:
+                bar.write(f"step {step:6d} | loss {loss.item():.4f} | grad {grad_norm.item():.3f} | "
+                          f"lr {lr_sched.get_last_lr()[0]:.2e} | {(time.time() - t_log) / args.log_every * 1000:.0f} ms/step")
+                t_log = time.time()
+            stop = args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60
+            stop = bool(accelerator.gather(torch.tensor([stop], device=accelerator.device)).any())  # all ranks agree
+            if step % args.ckpt_every == 0 or step == total or stop:
+                checkpoint()
+            if step == total or stop:
+                break
+    bar.close()
+    save(final=True)
+    if accelerator.is_main_process:
+        den = Denoiser(ema.module if ema else den.backbone, scheduler).eval()
+        n_classes = den.num_classes
+        rows = n_classes or 8
+        g = torch.Generator().manual_seed(args.seed)
+        z = torch.randn((rows * 8, *DATASETS[args.dataset]["shape"]), generator=g).to(accelerator.device)
+        y = torch.arange(rows, device=z.device).repeat_interleave(8) if n_classes else None
+        x = sample_teacher(den, z, y, args.sampling_steps, args.guidance if n_classes else 1.0, progress=True)
+        save_grid(x, os.path.join(out, "samples.png"), nrow=8)
+        print(f"teacher: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out} (grid: {out}/samples.png, "
+              f"DDIM-{args.sampling_steps}{f', guidance {args.guidance}' if n_classes else ''})")
+
+
+if __name__ == "__main__":
+    main()
