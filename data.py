@@ -6,12 +6,15 @@
 - celeba: `--data-dir` with a folder of aligned face images, centre-cropped and resized to 64x64.
 """
 import gzip
+import json
 import os
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import Dataset, TensorDataset
 
 from models import check_dataset, die
@@ -128,3 +131,51 @@ def save_grid(images, path, nrow=8):
     tmp = path[:-4] + ".tmp.png"
     torchvision.utils.save_image(images.float().clamp(-1, 1).add(1).div(2), tmp, nrow=nrow, padding=1)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed pairs (written by precompute.py, read by distill.py)
+# ---------------------------------------------------------------------------------------------
+# What makes two sets of pairs the same: distill.py refuses pairs whose settings differ from its own.
+PAIR_SETTINGS = ("dataset", "teacher_hash", "prediction_type", "sampler", "eta", "timestep_spacing",
+                 "sampling_steps", "guidance", "seed")
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def shard_path(folder, k):
+    return os.path.join(folder, f"shard_{k:05d}.safetensors")
+
+
+def shard_size(meta, k):
+    return min(meta["shard_size"], meta["num_pairs"] - k * meta["shard_size"])
+
+
+def shard_ok(folder, k, meta):
+    """A shard exists, is complete (safetensors checks the header against the file size) and has the right shapes."""
+    try:
+        with safe_open(shard_path(folder, k), "pt") as f:
+            n = shard_size(meta, k)
+            return (list(f.get_slice("noise").get_shape()) == [n, *meta["shape"]]
+                    and list(f.get_slice("image").get_shape()) == [n, *meta["shape"]])
+    except Exception:  # missing, truncated or not a safetensors file
+        return False
+
+
+def load_pairs(folder):
+    """All pairs in a folder as (meta, noise, image, label-or-None), checking every shard."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(meta_path):
+        die(f"no pairs in {folder} (meta.json missing): run `python precompute.py` first or pass --pairs FOLDER")
+    meta = load_json(meta_path)
+    parts = []
+    for k in range(meta["num_shards"]):
+        if not shard_ok(folder, k, meta):
+            die(f"pairs shard {shard_path(folder, k)} is missing or truncated: rerun `python precompute.py` "
+                f"with the same arguments to remake it")
+        parts.append(load_file(shard_path(folder, k)))
+    cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    return meta, cat["noise"], cat["image"], cat.get("label")

@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import sys
 
 import torch
@@ -226,6 +227,9 @@ def load_teacher(source):
     elif os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
         die(f"teacher '{source}' is neither a folder nor a hub id: train one with `python train_teacher.py` "
             f"or pass --teacher FOLDER")
+    elif not hub_reachable() and not hub_cached(source):
+        die(f"hub id '{source}' cannot be fetched without network: download it where there is a network "
+            f"(`hf download {source} --local-dir DIR`) and pass --teacher DIR")
     try:
         config = BACKBONES["UNet2DModel"].load_config(source)
         cls = BACKBONES.get(config.get("_class_name"))
@@ -237,9 +241,34 @@ def load_teacher(source):
         if os.path.isdir(source):
             die(f"teacher folder '{source}' could not be loaded ({str(e).splitlines()[0][:150]}): "
                 f"re-save it with `python train_teacher.py` or point --teacher at a complete folder")
-        die(f"could not fetch hub id '{source}' (no network?): download it where there is a network "
-            f"(`huggingface-cli download {source} --local-dir DIR`) and pass --teacher DIR")
+        die(f"could not fetch hub id '{source}' ({str(e).splitlines()[0][:100]}): download it where there is a "
+            f"network (`hf download {source} --local-dir DIR`) and pass --teacher DIR")
     return backbone.eval(), scheduler
+
+
+def default_teacher(dataset, run_dir):
+    """<run-dir>/teacher when it exists (or the dataset has no pretrained teacher), else the hub id."""
+    local = os.path.join(run_dir, "teacher")
+    return local if os.path.isdir(local) or DATASETS[dataset]["teacher"] is None else DATASETS[dataset]["teacher"]
+
+
+def hub_reachable(timeout=3.0):
+    """Fail fast offline instead of waiting out the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_cached(source):
+    try:
+        BACKBONES["UNet2DModel"].load_config(source, local_files_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def check_image_shape(backbone, dataset, source):

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from data import save_grid
-from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, die, finish_args, load_teacher, number,
+from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_teacher, number,
                     one_step, sample_teacher, script_parser, seeded_noise)
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema")
@@ -53,8 +53,7 @@ def main():
 
 def model_source(args):
     if args.model in ("teacher", "onestep-teacher"):
-        return args.teacher or (os.path.join(args.run_dir, "teacher") if DATASETS[args.dataset]["teacher"] is None
-                                or os.path.isdir(os.path.join(args.run_dir, "teacher")) else DATASETS[args.dataset]["teacher"])
+        return args.teacher or default_teacher(args.dataset, args.run_dir)
     folder = args.student or os.path.join(args.run_dir, "dmd", "student_ema" if args.model == "student-ema" else "student")
     if not os.path.isdir(folder):
         die(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema) or pass --student")

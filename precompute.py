@@ -1,0 +1,112 @@
+"""Precompute noise -> image pairs (z, y, x) from the teacher with deterministic DDIM (eta = 0).
+
+    python precompute.py --dataset mnist                # reads runs/mnist/teacher, writes runs/mnist/pairs
+    accelerate launch precompute.py --dataset cifar10   # shards split across processes, same pairs
+
+Pair i uses noise seed seed+i and label i % 10 (MNIST), so it does not depend on batch size or process
+count, and (z, x) is a function: the regression loss of distill.py is well posed. Shards are written
+atomically (write, then rename); a rerun skips finished shards, so an interrupted run loses at most
+the shard in progress. meta.json names the teacher (and a hash of its weights) and the sampler.
+"""
+import math
+import os
+import shutil
+import time
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from data import PAIR_SETTINGS, load_json, shard_ok, shard_path, shard_size
+from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_teacher, number,
+                    sample_teacher, script_parser, seeded_noise, weights_hash, write_json)
+
+DEFAULT_PAIRS = {"mnist": 12800, "celeba": 12800, "cifar10": 4864}  # the seed's table
+
+
+def main():
+    p = script_parser(__doc__.split("\n")[0])
+    p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
+    p.add_argument("--num-pairs", type=number(int, 0), default=None, help="pairs to make (seed: 12,800 MNIST/CelebA, 4,864 CIFAR-10)")
+    p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps (eta 0)")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None,
+                   help="classifier-free guidance scale s (1 = none); default 2 for class-conditional teachers")
+    p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
+    p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
+    p.add_argument("--overwrite", action="store_true", help="delete pairs made with other settings in <run-dir>/pairs")
+    args = finish_args(p.parse_args())
+    spec = DATASETS[args.dataset]
+    args.num_pairs = args.num_pairs or DEFAULT_PAIRS[args.dataset]
+    source = args.teacher or default_teacher(args.dataset, args.run_dir)
+    if args.guidance is None:
+        args.guidance = 2.0 if spec["num_classes"] else 1.0
+    if args.guidance != 1.0 and not spec["num_classes"]:
+        die(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
+    out = os.path.join(args.run_dir, "pairs")
+
+    accelerator = Accelerator()
+    backbone, scheduler = load_teacher(source)
+    check_image_shape(backbone, args.dataset, source)
+    den = Denoiser(backbone, scheduler).to(accelerator.device).eval()
+    n_shards = math.ceil(args.num_pairs / args.shard_size)
+    meta = dict(dataset=args.dataset, teacher=source, teacher_hash=weights_hash(source),
+                prediction_type=den.prediction_type, sampler="ddim", eta=0.0, timestep_spacing="trailing",
+                sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed, num_pairs=args.num_pairs,
+                shard_size=args.shard_size, num_shards=n_shards, shape=list(spec["shape"]), dtype="float32",
+                labels="i % num_classes" if spec["num_classes"] else None, num_classes=spec["num_classes"])
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path):
+        old = load_json(meta_path)
+        diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size") if old.get(k) != meta[k]]
+        if diff and not args.overwrite:
+            die(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta[k]}' for k in diff)}): "
+                f"pass --overwrite to replace them or use another --run-dir")
+        if diff:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(out)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        write_json(meta, meta_path)
+    accelerator.wait_for_everyone()
+
+    # Shard k belongs to process k % world; a rerun makes only the shards that are missing or unreadable.
+    todo = [k for k in range(n_shards) if not shard_ok(out, k, meta)]
+    accelerator.wait_for_everyone()  # every process has looked before any writes
+    mine = [k for k in todo if k % accelerator.num_processes == accelerator.process_index]
+    n_todo = sum(shard_size(meta, k) for k in todo)
+    if accelerator.is_main_process and not todo:
+        print(f"pairs: all {n_shards} shards already in {out}; nothing to do")
+    t0 = time.time()
+    bar = tqdm(total=sum(shard_size(meta, k) for k in mine), unit="pair", desc="pairs",
+               disable=not accelerator.is_main_process or not todo)
+    for k in mine:
+        idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_pairs)))
+        zs, xs = [], []
+        for i in range(0, len(idx), args.batch_size):
+            batch = idx[i:i + args.batch_size]
+            z = seeded_noise(batch, spec["shape"], args.seed)
+            y = balanced_labels(batch, spec["num_classes"])
+            x = sample_teacher(den, z.to(accelerator.device), y.to(accelerator.device) if y is not None else None,
+                               args.sampling_steps, args.guidance)
+            zs.append(z)
+            xs.append(x.float().cpu())
+            bar.update(len(batch))
+        shard = {"noise": torch.cat(zs).contiguous(), "image": torch.cat(xs).contiguous()}
+        if spec["num_classes"]:
+            shard["label"] = balanced_labels(idx, spec["num_classes"])
+        path = shard_path(out, k)
+        save_file(shard, path + ".tmp", metadata={"first_index": str(idx[0])})
+        os.replace(path + ".tmp", path)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and todo:
+        dt = time.time() - t0
+        print(f"pairs: {n_todo} written in {dt:.1f} s ({n_todo / dt:.1f} pairs/s, "
+              f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}) -> {out}")
+
+
+if __name__ == "__main__":
+    main()
