@@ -389,9 +389,9 @@ def one_step(denoiser, z, y=None):
 def make_dmd_networks(backbone, scheduler):
     """netG, µreal, µfake: three copies of µbase. µreal is frozen; all three run in eval mode
     (dropout off, BatchNorm on running statistics) so an image never depends on its batch."""
-    net_g = Denoiser(copy.deepcopy(backbone), scheduler).eval()
+    net_g = Denoiser(copy.deepcopy(backbone), scheduler).eval().requires_grad_(True)
+    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler).eval().requires_grad_(True)
     mu_real = Denoiser(backbone, scheduler).eval().requires_grad_(False)
-    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler).eval()
     return net_g, mu_real, mu_fake
 
 

@@ -1,0 +1,82 @@
+"""The three DMD losses, one pure function per equation (DESIGN.md, "The algorithm, exactly").
+
+Shapes: B batch, C channels, H x W image. Images are in [-1, 1].
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def dm_timesteps(B, T, generator=None, t_min=0.02, t_max=0.98):
+    """t ~ U{floor(t_min T) ... ceil(t_max T)} (inclusive), as DMD2 samples it; capped at T-1."""
+    lo, hi = math.floor(round(t_min * T, 6)), min(math.ceil(round(t_max * T, 6)), T - 1)
+    return torch.randint(lo, hi + 1, (B,), generator=generator)
+
+
+def dm_loss(x, p_real, p_fake):
+    """Distribution matching loss.
+
+    x:      (B, C, H, W) generator output G(z, y), with grad
+    p_real: (B, C, H, W) µreal's x̂0 of the noised x (no grad, guided)
+    p_fake: (B, C, H, W) µfake's x̂0 of the same noised x (no grad)
+
+    w = mean_{C,H,W} |x - p_real| per sample;  g = (p_fake - p_real) / w, NaN/inf -> 0;
+    loss = 0.5 MSE(x, stopgrad(x - g)), whose gradient w.r.t. x is g / numel(x): the score difference
+    s_fake - s_real (up to weighting), i.e. ∇θ D_KL = E[-(s_real - s_fake) ∇θ G].
+    Returns (loss, w (B,)) - w is logged: a collapsing w means x sits on µreal's prediction.
+    """
+    w = (x.detach() - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    g = torch.nan_to_num((p_fake - p_real) / w, nan=0.0, posinf=0.0, neginf=0.0)  # (B, C, H, W)
+    return 0.5 * F.mse_loss(x, (x - g).detach()), w.flatten()
+
+
+def pseudo_huber(x, x_ref, c=0.03):
+    """sqrt(||x - x_ref||^2 / d + c^2) - c per sample (d = C H W), averaged: L2-like far away, L1-like near."""
+    d2 = (x - x_ref).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    return ((d2 + c * c).sqrt() - c).mean()
+
+
+def l2(x, x_ref):
+    return F.mse_loss(x, x_ref)
+
+
+class LPIPS224(torch.nn.Module):
+    """LPIPS on images resized to 224x224 (as the DMD paper), grey images repeated to 3 channels."""
+
+    def __init__(self, net="vgg"):
+        super().__init__()
+        import lpips
+        self.lpips = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+
+    def forward(self, x, x_ref):  # (B, C, H, W) each -> scalar
+        x, x_ref = (F.interpolate(a.repeat(1, 3 // a.shape[1], 1, 1), size=224, mode="bilinear", align_corners=False)
+                    for a in (x, x_ref))
+        return self.lpips(x, x_ref).mean()
+
+
+def regression_loss(kind, c=0.03):
+    """(loss function, the kind actually used). LPIPS needs trunk weights from the internet: where they cannot
+    be loaded it falls back to pseudo-Huber with a loud notice (recorded in the run config by the caller)."""
+    if kind == "lpips":
+        try:
+            return LPIPS224(), "lpips"
+        except Exception as e:
+            print(f"\n*** NOTICE: LPIPS trunk weights could not be loaded ({type(e).__name__}: {str(e)[:80]}); "
+                  f"the regression loss FALLS BACK TO pseudo-Huber (c = {c}). ***\n", file=sys.stderr)
+            kind = "pseudo_huber"
+    if kind == "pseudo_huber":
+        return (lambda x, x_ref: pseudo_huber(x, x_ref, c)), "pseudo_huber"
+    return l2, "l2"
+
+
+def denoising_loss(out, target, x0_hat=None, x0=None, form="native"):
+    """µfake's loss on the generator's (detached) images: the teacher's own objective.
+
+    out, target: (B, C, H, W) raw backbone output and its target (ε for ε-prediction, v for v-prediction);
+    form "x0": ||µfake_x̂0(x_t, t) - x0||^2 as the seed writes it (same minimiser, another weighting over t).
+    """
+    if form == "x0":
+        return F.mse_loss(x0_hat.float(), x0.float())
+    return F.mse_loss(out.float(), target.float())
