@@ -16,6 +16,7 @@ import pickle
 import shutil
 import socket
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -146,6 +147,27 @@ class ContextUnet(ModelMixin, ConfigMixin):
         up2 = self.up1(self.contextembed1(c).view(B, 2 * n, 1, 1) * up1 + self.timeembed1(t).view(B, 2 * n, 1, 1), down2)
         up3 = self.up2(self.contextembed2(c).view(B, n, 1, 1) * up2 + self.timeembed2(t).view(B, n, 1, 1), down1)
         return UNet2DOutput(sample=self.out(torch.cat((up3, x), 1)))
+
+
+class Classifier(ModelMixin, ConfigMixin):
+    """Small CNN whose penultimate features stand in for Inception's where those weights cannot be had.
+    Trained by evaluate.py on real data: on the classes where the dataset has them, else on predicting
+    which of 4 rotations was applied (self-supervised, so unlabelled faces get meaningful features too)."""
+
+    @register_to_config
+    def __init__(self, in_channels=1, num_outputs=10, width=32, feature_dim=128, task="classes", test_accuracy=None):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * w, feature_dim), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_outputs))
+
+    def forward(self, x):
+        """x in [-1, 1], (B, C, H, W) -> (features (B, feature_dim), logits (B, num_outputs))."""
+        f = self.features(x)
+        return f, self.head(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +406,35 @@ def balanced_labels(indices, num_classes):
 def one_step(denoiser, z, y=None):
     """The generator G(z, y): x̂0 of the network at t_gen = T-1 with x_t = z ~ N(0, I). One evaluation."""
     return denoiser.x0(z, denoiser.T - 1, y)
+
+
+@torch.no_grad()
+def generate(den, one_step_model, indices, seed, batch_size, steps=25, s=1.0, ddpm=False, device="cpu"):
+    """Images in [-1, 1] (CPU), labels (or None) and seconds per batch for sample indices: noise seed+i, label
+    i % num_classes. One-step models (student, teacher before distillation) take one evaluation, else DDIM/DDPM."""
+    images, labels, seconds = [], [], []
+    indices = list(indices)
+    shape = (den.backbone.config.in_channels, *(den.backbone.config.sample_size,) * 2)
+    for i in tqdm(range(0, len(indices), batch_size), desc="one-step" if one_step_model else "multi-step", leave=False):
+        idx = indices[i:i + batch_size]
+        z, y = seeded_noise(idx, shape, seed).to(device), balanced_labels(idx, den.num_classes)
+        y_dev = y.to(device) if y is not None else None
+        sync(device)
+        t0 = time.perf_counter()
+        if one_step_model:
+            x = one_step(den, z, y_dev)
+        else:
+            x = sample_teacher(den, z, y_dev, steps, s, ddpm, torch.Generator(device).manual_seed(seed + idx[0]))
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+        images.append(x.float().cpu())
+        labels.append(y)
+    return torch.cat(images), (torch.cat(labels) if den.num_classes else None), seconds
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def make_dmd_networks(backbone, scheduler):

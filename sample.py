@@ -11,11 +11,10 @@ import os
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from data import save_grid
-from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_teacher, number,
-                    one_step, sample_teacher, script_parser, seeded_noise)
+from models import (DATASETS, Denoiser, check_image_shape, default_teacher, die, finish_args, generate, load_teacher,
+                    number, script_parser)
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema")
 
@@ -38,7 +37,8 @@ def main():
     backbone, scheduler = load_teacher(source)
     check_image_shape(backbone, args.dataset, source)
     den = Denoiser(backbone, scheduler).to(args.device).eval()
-    images, labels = generate(den, args.model, range(args.num_samples), spec["shape"], args)
+    images, labels, _ = generate(den, args.model != "teacher", range(args.num_samples), args.seed, args.batch_size,
+                                 args.sampling_steps, args.guidance, args.full_ddpm, args.device)
     out = args.out or os.path.join(args.run_dir, "samples")
     os.makedirs(out, exist_ok=True)
     name = f"{args.model}" + (f"-ddpm{den.T}" if args.full_ddpm else f"-ddim{args.sampling_steps}" if args.model == "teacher" else "")
@@ -58,26 +58,6 @@ def model_source(args):
     if not os.path.isdir(folder):
         die(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema) or pass --student")
     return folder
-
-
-@torch.no_grad()
-def generate(den, model, indices, shape, args):
-    """Images in [-1, 1] (on the CPU) and labels for the given sample indices."""
-    images, labels = [], []
-    indices = list(indices)
-    for i in tqdm(range(0, len(indices), args.batch_size), desc=model, leave=False):
-        idx = indices[i:i + args.batch_size]
-        z = seeded_noise(idx, shape, args.seed)
-        y = balanced_labels(idx, den.num_classes)
-        z, y_dev = z.to(args.device), (y.to(args.device) if y is not None else None)
-        if model == "teacher":
-            x = sample_teacher(den, z, y_dev, args.sampling_steps, args.guidance, ddpm=args.full_ddpm,
-                               generator=torch.Generator(args.device).manual_seed(args.seed + idx[0]))
-        else:
-            x = one_step(den, z, y_dev)
-        images.append(x.float().cpu())
-        labels.append(y)
-    return torch.cat(images), (torch.cat(labels) if den.num_classes else None)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,265 @@
+"""Evaluate: FID of the one-step student vs the one-step teacher before distillation vs the multi-step teacher.
+
+    python evaluate.py --fid                      # runs/mnist/{teacher,pairs,dmd} -> runs/mnist/eval/
+    python evaluate.py --fid --full-ddpm          # also the full T-step ancestral DDPM teacher (slow on CPU)
+
+Every row uses the same seeds, labels and number of samples. FID is computed by torch-fidelity against real
+images of the dataset (its test split where there is one) on Inception features where those weights can be
+had, else on the features of a classifier trained here on the real training data (cached in
+<run-dir>/classifier/). The report names the extractor; the two kinds of FID are never comparable.
+Writes report.json, report.md (table) and grid.png (one row per model, same seeds).
+"""
+import os
+import statistics
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data import load_dataset, load_json, save_grid
+from models import (DATASETS, Classifier, Denoiser, check_image_shape, default_teacher, die, finish_args, generate,
+                    load_teacher, number, script_parser, write_json)
+
+
+class Uint8Images(Dataset):
+    """Images in [-1, 1] -> uint8 (C, H, W) tensors, the input torch-fidelity takes; grey -> 3 channels if asked."""
+
+    def __init__(self, images, rgb=False):
+        self.u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        self.rgb = rgb
+
+    def __len__(self):
+        return len(self.u8)
+
+    def __getitem__(self, i):
+        x = self.u8[i]
+        return x.expand(3, -1, -1) if self.rgb and x.shape[0] == 1 else x
+
+
+class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
+    """The cached classifier's penultimate features, registered with torch-fidelity as a feature extractor."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+        self.net = Classifier.from_pretrained(feature_extractor_weights_path).eval()
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("penultimate", "logits")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "penultimate"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return None
+
+    def forward(self, x):  # uint8 (B, C, H, W)
+        f, logits = self.net(x.float() / 127.5 - 1)
+        return tuple({"penultimate": f, "logits": logits}[k] for k in self.features_list)
+
+
+torch_fidelity.register_feature_extractor("dmd-classifier", ClassifierFeatures)
+
+
+def main():
+    p = script_parser(__doc__.split("\n")[0])
+    p.add_argument("--fid", action="store_true", help="compute FID (the report's main number)")
+    p.add_argument("--num-samples", type=number(int, 0), default=1000, help="samples per model (same seeds and labels for all)")
+    p.add_argument("--batch-size", type=number(int, 0), default=64, help="generation batch; latency is measured per image at this batch")
+    p.add_argument("--teacher", default=None, help="teacher folder or hub id; default as precompute.py")
+    p.add_argument("--sampling-steps", type=number(int, 0), default=None, help="teacher DDIM steps; default the pairs' steps")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="teacher guidance; default the pairs'")
+    p.add_argument("--full-ddpm", action="store_true", help="also evaluate ancestral DDPM over all T steps (slow)")
+    p.add_argument("--feature-extractor", default="auto", choices=["auto", "inception", "classifier"],
+                   help="auto: Inception if its weights load, else the trained classifier")
+    p.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception weights file (no download needed)")
+    p.add_argument("--data-dir", default=None, help="dataset folder, as for train_teacher.py")
+    p.add_argument("--num-reference", type=number(int, 0), default=10000, help="at most this many real reference images")
+    p.add_argument("--classifier-epochs", type=number(int, 0), default=8, help="epochs to train the feature classifier")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = finish_args(p.parse_args())
+    if not args.fid:
+        die("nothing to do: pass --fid")
+    spec = DATASETS[args.dataset]
+    out = os.path.join(args.run_dir, "eval")
+    teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
+    pairs_meta = os.path.join(args.run_dir, "pairs", "meta.json")
+    pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
+    steps = args.sampling_steps or pairs.get("sampling_steps", 25)
+    s = args.guidance if args.guidance is not None else pairs.get("guidance", 2.0 if spec["num_classes"] else 1.0)
+
+    # --- reference images and the feature extractor
+    real_train = load_dataset(args.dataset, args.data_dir, train=True)
+    real_test = load_dataset(args.dataset, args.data_dir, train=False, verbose=False) if args.dataset != "celeba" else real_train
+    n_ref = min(len(real_test), args.num_reference)
+    reference = f"{args.dataset} {'test split' if real_test is not real_train else 'training images'} (first {n_ref})"
+    ref_images = torch.stack([real_test[i][0] for i in range(n_ref)])
+    clf_dir = os.path.join(args.run_dir, "classifier")
+    clf = train_classifier(real_train, real_test, clf_dir, args) if spec["num_classes"] or args.feature_extractor != "inception" else None
+    extractor = pick_extractor(args, clf_dir)
+
+    # --- rows: same seeds and labels for every model
+    models = [(f"teacher-ddim-{steps}", teacher, False, dict(steps=steps))]
+    if args.full_ddpm:
+        models.append((f"teacher-ddpm-{spec['T']}", teacher, False, dict(ddpm=True)))
+    models.append(("onestep-before", teacher, True, {}))
+    for name in ("student", "student_ema"):
+        folder = os.path.join(args.run_dir, "dmd", name)
+        if os.path.isdir(folder):
+            models.append((name.replace("_", "-"), folder, True, {}))
+    rows, grid = [], []
+    for name, source, one_step_model, kw in models:
+        backbone, scheduler = load_teacher(source)
+        check_image_shape(backbone, args.dataset, source)
+        den = Denoiser(backbone, scheduler).to(args.device).eval()
+        images, labels, seconds = generate(den, one_step_model, range(args.num_samples), args.seed, args.batch_size,
+                                           kw.get("steps", steps), s, kw.get("ddpm", False), args.device)
+        guided = s != 1.0 and den.num_classes and not one_step_model
+        row = dict(model=name, nfe=1 if one_step_model else (spec["T"] if kw.get("ddpm") else steps) * (2 if guided else 1),
+                   fid=fid(images, ref_images, extractor, args), class_accuracy=None,
+                   ms_per_image=1000 * statistics.median(seconds[1:] or seconds) / args.batch_size)
+        if clf is not None:
+            f, logits = features(clf, images)
+            if spec["num_classes"]:
+                row["class_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+            row["diversity"] = diversity(f, labels, *features(clf, ref_images)[:1], real_labels(real_test, n_ref))
+        rows.append(row)
+        grid.append(images[:10 if spec["num_classes"] else 8])
+        print(f"{name}: FID {row['fid']:.2f}" + (f", accuracy {row['class_accuracy']:.1%}" if row["class_accuracy"] is not None else "")
+              + f", {row['ms_per_image']:.2f} ms/image", file=sys.stderr)
+
+    report = dict(dataset=args.dataset, feature_extractor=extractor["label"], num_samples=args.num_samples,
+                  reference=reference, device=describe_device(args.device), guidance=s, seed=args.seed,
+                  classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows)
+    os.makedirs(out, exist_ok=True)
+    write_json(report, os.path.join(out, "report.json"))
+    md = markdown(report)
+    with open(os.path.join(out, "report.md.tmp"), "w") as f:
+        f.write(md)
+    os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
+    save_grid(torch.cat(grid), os.path.join(out, "grid.png"), nrow=len(grid[0]))
+    print(md)
+    print(f"eval: {out}/report.json, report.md, grid.png (rows: {', '.join(r['model'] for r in rows)})")
+
+
+def train_classifier(train, test, folder, args):
+    """Train (once, then cached) the small CNN on real data: classes if the dataset has them, else rotations."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return Classifier.from_pretrained(folder).eval()
+    labelled = DATASETS[args.dataset]["num_classes"] > 0
+    C = DATASETS[args.dataset]["shape"][0]
+    net = Classifier(in_channels=C, num_outputs=DATASETS[args.dataset]["num_classes"] if labelled else 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(train, batch_size=128, shuffle=True, generator=gen)
+    for epoch in tqdm(range(args.classifier_epochs), desc="classifier"):
+        net.train()
+        for x, y in loader:
+            x, y = task_batch(x, y, labelled, gen)
+            loss = F.cross_entropy(net(x)[1], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    correct = n = 0
+    with torch.no_grad():
+        for x, y in DataLoader(test, batch_size=256):
+            x, y = task_batch(x, y, labelled, gen)
+            correct += (net(x)[1].argmax(1) == y).sum().item()
+            n += len(y)
+    net.register_to_config(test_accuracy=correct / n, task="classes" if labelled else "rotation", dataset=args.dataset)
+    net.save_pretrained(folder + ".tmp")
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder + ".tmp"):
+        os.replace(os.path.join(folder + ".tmp", f), os.path.join(folder, f))
+    os.rmdir(folder + ".tmp")
+    print(f"classifier: {'class' if labelled else 'rotation'} accuracy {correct / n:.1%} on {n} held-out images -> {folder}",
+          file=sys.stderr)
+    return net
+
+
+def task_batch(x, y, labelled, gen):
+    if labelled:
+        return x, y
+    k = torch.randint(0, 4, (len(x),), generator=gen)
+    return torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)]), k
+
+
+def pick_extractor(args, clf_dir):
+    """torch-fidelity keyword arguments for the feature extractor, and a label for the report."""
+    if args.feature_extractor != "classifier":
+        kw = dict(feature_extractor="inception-v3-compat", feature_layer_fid="2048",
+                  feature_extractor_weights_path=args.inception_weights)
+        try:
+            torch_fidelity.utils.create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
+                                                          feature_extractor_weights_path=args.inception_weights)
+            return dict(kw, label="inception-v3-compat (pool3, 2048-d)", rgb=True)
+        except Exception as e:
+            if args.feature_extractor == "inception":
+                die(f"Inception weights could not be loaded ({str(e)[:80]}): pass --inception-weights FILE or "
+                    f"--feature-extractor classifier")
+            print(f"notice: Inception weights unavailable ({type(e).__name__}); FID on the trained classifier's features "
+                  f"(not comparable with Inception FID)", file=sys.stderr)
+    return dict(feature_extractor="dmd-classifier", feature_layer_fid="penultimate", feature_extractor_weights_path=clf_dir,
+                label=f"classifier penultimate features ({clf_dir})", rgb=False)
+
+
+def fid(images, ref_images, extractor, args):
+    kw = {k: v for k, v in extractor.items() if k not in ("label", "rgb")}
+    m = torch_fidelity.calculate_metrics(input1=Uint8Images(images, extractor["rgb"]), input2=Uint8Images(ref_images, extractor["rgb"]),
+                                         fid=True, cuda=args.device.startswith("cuda"), batch_size=256, verbose=False,
+                                         save_cpu_ram=True, **kw)
+    return m["frechet_inception_distance"]
+
+
+@torch.no_grad()
+def features(clf, images):
+    out = [clf(images[i:i + 512].float()) for i in range(0, len(images), 512)]
+    return torch.cat([f for f, _ in out]), torch.cat([l for _, l in out])
+
+
+def real_labels(ds, n):
+    return torch.as_tensor([ds[i][1] for i in range(n)])
+
+
+def diversity(f, labels, f_real, labels_real):
+    """tr Cov(generated features | class) / tr Cov(real | class), averaged over classes (1 = as diverse as real)."""
+    if labels is None:
+        return (f.var(0).sum() / f_real.var(0).sum()).item()
+    ratios = [(f[labels == c].var(0).sum() / f_real[labels_real == c].var(0).sum()).item()
+              for c in labels.unique() if (labels == c).sum() > 1 and (labels_real == c).sum() > 1]
+    return float(np.mean(ratios))
+
+
+def describe_device(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import platform
+    return f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def markdown(report):
+    lines = [f"Dataset **{report['dataset']}**, {report['num_samples']} samples per model, reference: {report['reference']}.",
+             f"FID features: {report['feature_extractor']}. Device: {report['device']}."]
+    if report["classifier_test_accuracy"] is not None:
+        lines.append(f"Feature classifier held-out accuracy: {report['classifier_test_accuracy']:.1%}.")
+    lines += ["", "| model | NFE | FID | class accuracy | diversity | ms / image |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
+        div = f"{r['diversity']:.2f}" if r.get("diversity") is not None else "-"
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['fid']:.2f} | {acc} | {div} | {r['ms_per_image']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
