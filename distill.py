@@ -112,6 +112,7 @@ def main():
         step = state["step"]
     net_g_w, mu_fake_w, opt_g, opt_fake = accelerator.prepare(net_g, mu_fake, opt_g, opt_fake)
     T = net_g.T
+    real_checksum = checksum(mu_real)  # recorded again at the end: µreal must never change
     config = dict(vars(args), reg_loss_used=reg_used, teacher_hash=teacher_hash, num_processes=world,
                   per_process_batch=B, prediction_type=net_g.prediction_type, T=T, pairs_meta=meta)
     if reg_used != args.reg_loss:
@@ -225,7 +226,7 @@ def main():
             break
     bar.close()
     if accelerator.is_main_process:
-        write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60, finished=True),
+        write_json(dict(config, steps_done=step, mu_real_checksum=[real_checksum, checksum(mu_real)], wall_minutes=(time.time() - t0) / 60, finished=True),
                    os.path.join(out, "config.json"))
         print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/student "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
@@ -238,6 +239,10 @@ def truncate_stats(path, step):
         with open(path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(path + ".tmp", path)
+
+
+def checksum(module):
+    return sum(p.double().sum().item() for p in module.state_dict().values() if p.is_floating_point())
 
 
 def check_finite(step, out, **losses):

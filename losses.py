@@ -45,10 +45,10 @@ def l2(x, x_ref):
 class LPIPS224(torch.nn.Module):
     """LPIPS on images resized to 224x224 (as the DMD paper), grey images repeated to 3 channels."""
 
-    def __init__(self, net="vgg"):
+    def __init__(self, net="vgg", random_trunk=False):
         super().__init__()
-        import lpips
-        self.lpips = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+        import lpips  # random_trunk: no ImageNet weights (tests only; the distance is then meaningless)
+        self.lpips = lpips.LPIPS(net=net, pnet_rand=random_trunk, verbose=False).eval().requires_grad_(False)
 
     def forward(self, x, x_ref):  # (B, C, H, W) each -> scalar
         x, x_ref = (F.interpolate(a.repeat(1, 3 // a.shape[1], 1, 1), size=224, mode="bilinear", align_corners=False)

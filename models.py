@@ -203,7 +203,7 @@ def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None):
     if dataset == "mnist":
         backbone = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=10, sample_size=28, num_train_timesteps=spec["T"])
     else:
-        backbone = UNet2DModel(**(unet or (CIFAR10_UNET if dataset == "cifar10" else CELEBA_UNET)))
+        backbone = UNet2DModel(**{**(CIFAR10_UNET if dataset == "cifar10" else CELEBA_UNET), **(unet or {})})
     scheduler = DDPMScheduler(num_train_timesteps=spec["T"], beta_start=1e-4, beta_end=spec["beta_end"],
                               beta_schedule="linear", prediction_type=prediction_type, clip_sample=True)
     return backbone, scheduler

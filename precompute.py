@@ -34,6 +34,7 @@ def main():
                    help="classifier-free guidance scale s (1 = none); default 2 for class-conditional teachers")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
+    p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
     p.add_argument("--overwrite", action="store_true", help="delete pairs made with other settings in <run-dir>/pairs")
     args = finish_args(p.parse_args())
     spec = DATASETS[args.dataset]
@@ -75,7 +76,7 @@ def main():
     # Shard k belongs to process k % world; a rerun makes only the shards that are missing or unreadable.
     todo = [k for k in range(n_shards) if not shard_ok(out, k, meta)]
     accelerator.wait_for_everyone()  # every process has looked before any writes
-    mine = [k for k in todo if k % accelerator.num_processes == accelerator.process_index]
+    mine = [k for k in todo if k % accelerator.num_processes == accelerator.process_index][:args.max_shards]
     n_todo = sum(shard_size(meta, k) for k in todo)
     if accelerator.is_main_process and not todo:
         print(f"pairs: all {n_shards} shards already in {out}; nothing to do")

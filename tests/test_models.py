@@ -1,0 +1,107 @@
+import pytest
+import torch
+from conftest import TINY_N_FEAT, TINY_UNET, run
+
+from models import (CIFAR10_UNET, DATASETS, Denoiser, count_params, load_teacher, make_dmd_networks, make_teacher,
+                    one_step, sample_teacher, save_teacher)
+
+
+@pytest.mark.parametrize("dataset, expected, tolerance", [("mnist", 6_585_601, 0), ("cifar10", 35_746_307, 0),
+                                                          ("celeba", 426_691, 0.05)])
+def test_parameter_counts(dataset, expected, tolerance):
+    backbone, _ = make_teacher(dataset)
+    assert abs(count_params(backbone) - expected) <= tolerance * expected
+
+
+def test_cifar10_config_is_the_hub_models():
+    assert CIFAR10_UNET["block_out_channels"] == (128, 256, 256, 256)
+    assert CIFAR10_UNET["down_block_types"][1] == "AttnDownBlock2D" and CIFAR10_UNET["freq_shift"] == 1
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_save_from_pretrained_round_trip(tmp_path, dataset):
+    """save_pretrained -> from_pretrained through the project's loader gives bit-identical outputs."""
+    torch.manual_seed(1)
+    backbone, scheduler = make_teacher(dataset, "v_prediction", n_feat=TINY_N_FEAT, unet=TINY_UNET)
+    backbone.eval()
+    save_teacher(backbone, scheduler, str(tmp_path / "t"))
+    loaded, loaded_sched = load_teacher(str(tmp_path / "t"))
+    assert type(loaded) is type(backbone) and loaded_sched.config.prediction_type == "v_prediction"
+    x, t = torch.randn(3, *DATASETS[dataset]["shape"]), torch.tensor([0, 100, 399])
+    y = torch.tensor([0, 5, 10]) if dataset == "mnist" else None
+    with torch.no_grad():
+        assert torch.equal(backbone(x, t, class_labels=y).sample, loaded(x, t, class_labels=y).sample)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_x0_matches_formula_in_float64(prediction_type):
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("mnist", prediction_type, n_feat=8)
+    den = Denoiser(backbone.eval(), scheduler)
+    x_t, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 50, 250, 399])
+    with torch.no_grad():
+        out = den(x_t, t).double()
+    a = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    expected = {"epsilon": (x_t.double() - (1 - a).sqrt() * out) / a.sqrt(),
+                "v_prediction": a.sqrt() * x_t.double() - (1 - a).sqrt() * out,
+                "sample": out}[prediction_type]
+    with torch.no_grad():
+        got = den.x0(x_t, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-6 * expected.abs().max().item())
+
+
+def test_guidance_formula():
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("mnist", n_feat=8)
+    den = Denoiser(backbone.eval(), scheduler)
+    x_t, t, y = torch.randn(3, 1, 28, 28), torch.tensor([10, 20, 30]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        cond, uncond = den.x0(x_t, t, y), den.x0(x_t, t, torch.full_like(y, 10))
+        for s in (1.0, 2.0, 3.5):
+            torch.testing.assert_close(den.x0(x_t, t, y, s), uncond + s * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+def test_dmd_networks_and_one_step_generator():
+    backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=8)
+    net_g, mu_real, mu_fake = make_dmd_networks(backbone.eval(), scheduler)
+    assert not any(p.requires_grad for p in mu_real.parameters())
+    assert all(p.requires_grad for p in net_g.parameters()) and all(p.requires_grad for p in mu_fake.parameters())
+    assert net_g.backbone is not mu_real.backbone and mu_fake.backbone is not mu_real.backbone
+    z, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(one_step(net_g, z, y), net_g.x0(z, torch.tensor([399, 399]), y))
+
+
+def test_ddim_matches_formula():
+    """diffusers' DDIM (eta 0, trailing spacing) against x_{t'} = sqrt(a') x̂0 + sqrt(1 - a') ε̂ written out."""
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("mnist", "epsilon", n_feat=8)
+    scheduler.register_to_config(clip_sample=False)
+    den = Denoiser(backbone.eval(), scheduler)
+    z, y, steps = torch.randn(2, 1, 28, 28), torch.tensor([1, 2]), 4
+    got = sample_teacher(den, z, y, steps, s=1.5)
+    a = scheduler.alphas_cumprod.double()
+    ts = [399, 299, 199, 99]  # trailing spacing: T - 1 down in T / steps strides
+    x = z.double()
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            eps = den.guided(x.float(), torch.tensor(t), y, 1.5).double()
+            x0 = (x - (1 - a[t]).sqrt() * eps) / a[t].sqrt()
+            a_prev = a[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(got.double(), x, rtol=1e-4, atol=1e-4)
+
+
+def test_offline_hub_id_fails_at_once_with_one_line():
+    r = run("sample.py", "--dataset", "cifar10", "--run-dir", "/nonexistent-run", "--num-samples", 1, check=False)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert lines[-1].startswith("error: hub id 'google/ddpm-cifar10-32'") and "--teacher" in lines[-1]
+    assert "Traceback" not in r.stderr
+
+
+def test_teacher_folder_without_weights(tmp_path):
+    (tmp_path / "teacher").mkdir()
+    r = run("sample.py", "--run-dir", tmp_path, check=False)
+    assert r.returncode == 2 and "has no diffusion_pytorch_model.safetensors" in r.stderr
