@@ -9,16 +9,19 @@ on a batch of precomputed pairs; netG updated every --gen-every steps, µfake ev
 """
 import json
 import os
+import shutil
+import sys
 import time
 
 import torch
 from accelerate import Accelerator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from tqdm import tqdm
 
-from data import PAIR_SETTINGS, load_pairs, save_grid
+from data import load_dataset, load_pairs, save_grid
 from losses import denoising_loss, dm_loss, dm_timesteps, regression_loss
-from models import (DATASETS, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_state,
+from models import (DATASETS, Classifier, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_state,
                     load_teacher, make_dmd_networks, number, one_step, save_state, save_teacher, script_parser,
                     seeded_noise, weights_hash, write_json)
 
@@ -49,6 +52,11 @@ def main():
     p.add_argument("--log-every", type=number(int, 0), default=20, help="status line + stats.jsonl row every N steps")
     p.add_argument("--ckpt-every", type=number(int, 0), default=200, help="save student + training state every N steps")
     p.add_argument("--sample-every", type=number(int, 0), default=200, help="sample grid on fixed seeds every N steps")
+    p.add_argument("--probe-every", type=number(int, 0, inclusive=True), default=100,
+                   help="quality probe every N steps: FID / accuracy of one-step samples on the features of "
+                        "<run-dir>/classifier (made by `evaluate.py --prepare`); 0 = off")
+    p.add_argument("--probe-samples", type=number(int, 0), default=500, help="samples per quality probe")
+    p.add_argument("--data-dir", default=None, help="dataset folder for the probe's real reference images")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/dmd/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in <run-dir>/dmd")
     args = finish_args(p.parse_args())
@@ -66,8 +74,9 @@ def main():
         die(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
     out = os.path.join(args.run_dir, "dmd")
     state_path = os.path.join(out, "train_state.pt")
-    if os.path.exists(os.path.join(out, "config.json")) and not (args.resume or args.overwrite):
-        die(f"{out} already holds a distillation run: pass --resume to continue it, --overwrite to replace it, or another --run-dir")
+    if os.path.exists(state_path) and not (args.resume or args.overwrite):
+        die(f"{out} holds a distillation run: pass --resume to continue it (e.g. with more --steps), --overwrite to "
+            f"start again, or another --run-dir")
     if args.resume and not os.path.exists(state_path):
         die(f"--resume: no {state_path} to resume from; drop --resume to start a new run")
 
@@ -126,11 +135,16 @@ def main():
     with torch.no_grad():
         before = one_step(mu_real, z_grid, y_grid).cpu()
 
+    probe = make_probe(args, spec, dev) if accelerator.is_main_process and args.probe_every else None
     if accelerator.is_main_process:
+        if args.overwrite and not args.resume:
+            shutil.rmtree(out, ignore_errors=True)
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         write_json(config, os.path.join(out, "config.json"))
         print("config:", json.dumps({k: v for k, v in config.items() if k != "pairs_meta"}, default=str))
         truncate_stats(os.path.join(out, "stats.jsonl"), step)  # drop rows logged after the checkpoint we resume from
+        if os.path.exists(os.path.join(out, "summary.json")):
+            os.remove(os.path.join(out, "summary.json"))  # written again when this run ends
 
     def G(z, y):
         """One network evaluation: x̂0 of netG at t = T-1 from x_t = z (through the DDP wrapper for grad sync)."""
@@ -149,6 +163,8 @@ def main():
                         gen=list(gens), step=step), state_path)
 
     t0 = t_log = time.time()
+    last_g = {}  # the latest generator-step numbers, logged at every interval (with --gen-every > 1 too)
+    g_updates = -(-step // args.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
     bar = tqdm(total=args.steps, initial=step, desc="dmd", disable=not accelerator.is_main_process)
     while step < args.steps:
         # --- batches: fresh noise and labels; pairs in a per-epoch permutation, a function of the step (resumable)
@@ -160,7 +176,6 @@ def main():
         z_ref, x_ref = z_pairs[idx].to(dev), x_pairs[idx].to(dev)
         y_ref = y_pairs[idx].to(dev) if y_pairs is not None else None
         gen_step = step % args.gen_every == 0
-        row = {}
 
         # --- generator update: loss_G = loss_DM + λ_reg loss_reg
         with accelerator.autocast(), torch.set_grad_enabled(gen_step):
@@ -177,7 +192,8 @@ def main():
                 loss_g = loss_dm + args.reg_weight * loss_reg
                 check_finite(step, loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg, out=out)
                 accelerator.backward(loss_g)
-                row.update(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(),
+                g_updates += 1
+                last_g = dict(g_updates=g_updates, loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(),
                            grad_g=accelerator.clip_grad_norm_(net_g_w.parameters(), args.grad_clip).item())
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
@@ -196,7 +212,7 @@ def main():
             loss_fake = denoising_loss(raw, mu_fake.target(x0, eps, t), mu_fake.to_x0(x_t, t, raw), x0, args.fake_loss)
         check_finite(step, loss_fake=loss_fake, out=out)
         accelerator.backward(loss_fake)
-        row.update(loss_fake=loss_fake.item(), grad_fake=accelerator.clip_grad_norm_(mu_fake_w.parameters(), args.grad_clip).item())
+        last_fake = dict(loss_fake=loss_fake.item(), grad_fake=accelerator.clip_grad_norm_(mu_fake_w.parameters(), args.grad_clip).item())
         opt_fake.step()
         opt_fake.zero_grad(set_to_none=True)
         step += 1
@@ -208,7 +224,10 @@ def main():
         if accelerator.is_main_process and (step % args.log_every == 0 or last):
             ms = (time.time() - t_log) * 1000 / (step % args.log_every or args.log_every)
             t_log = time.time()
-            row = dict(step=step, **row, ms_per_step=ms, images_per_s=args.batch_size * 1000 / ms, minutes=(time.time() - t0) / 60)
+            row = dict(step=step, **last_g, **last_fake, ms_per_step=ms, images_per_s=args.batch_size * 1000 / ms,
+                       minutes=(time.time() - t0) / 60)
+            if probe and (step % args.probe_every == 0 or last):
+                row.update(probe(net_g))
             with open(os.path.join(out, "stats.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -226,10 +245,36 @@ def main():
             break
     bar.close()
     if accelerator.is_main_process:
-        write_json(dict(config, steps_done=step, mu_real_checksum=[real_checksum, checksum(mu_real)], wall_minutes=(time.time() - t0) / 60, finished=True),
-                   os.path.join(out, "config.json"))
+        write_json(dict(steps_done=step, wall_minutes=(time.time() - t0) / 60, stopped_by_time=step < args.steps,
+                        mu_real_checksum=[real_checksum, checksum(mu_real)]), os.path.join(out, "summary.json"))
         print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/student "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
+
+
+def make_probe(args, spec, dev):
+    """A cheap quality probe, or None where evaluate.py has not made the feature classifier yet: FID of
+    --probe-samples one-step images (fixed seeds) against the real test images, on the classifier's features."""
+    folder = os.path.join(args.run_dir, "classifier")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        print(f"notice: no {folder}; quality probe off (make it with `python evaluate.py --prepare`)", file=sys.stderr)
+        return None
+    clf = Classifier.from_pretrained(folder).eval().to(dev)
+    real = load_dataset(args.dataset, args.data_dir, train=False, verbose=False)
+    with torch.no_grad():
+        x_real = torch.stack([real[i][0] for i in range(min(len(real), 10000))]).to(dev)
+        ref = fid_features_to_statistics(torch.cat([clf(c)[0] for c in x_real.split(500)]).cpu().double())
+    z = seeded_noise(range(args.probe_samples), spec["shape"], 2 * 10 ** 6).to(dev)
+    y = balanced_labels(range(args.probe_samples), spec["num_classes"])
+
+    @torch.no_grad()
+    def probe(net_g):
+        x = torch.cat([one_step(net_g, zc, yc.to(dev) if yc is not None else None)
+                       for zc, yc in zip(z.split(250), y.split(250) if y is not None else [None] * len(z.split(250)))])
+        f, logits = clf(x)
+        fid = fid_statistics_to_metric(fid_features_to_statistics(f.cpu().double()), ref, False)["frechet_inception_distance"]
+        acc = (logits.argmax(1).cpu() == y).float().mean().item() if y is not None else None
+        return dict(probe_fid=float(fid), **({"probe_acc": acc} if acc is not None else {}))
+    return probe
 
 
 def truncate_stats(path, step):
@@ -259,7 +304,7 @@ def plot_losses(out):
     import matplotlib.pyplot as plt
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    keys = [k for k in ("loss_dm", "loss_reg", "loss_fake", "w", "grad_g", "grad_fake") if any(k in r for r in rows)]
+    keys = [k for k in ("loss_dm", "loss_reg", "loss_fake", "w", "grad_g", "grad_fake", "probe_fid") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])

@@ -74,6 +74,7 @@ torch_fidelity.register_feature_extractor("dmd-classifier", ClassifierFeatures)
 def main():
     p = script_parser(__doc__.split("\n")[0])
     p.add_argument("--fid", action="store_true", help="compute FID (the report's main number)")
+    p.add_argument("--prepare", action="store_true", help="only train and cache the feature classifier (distill.py's quality probe uses it)")
     p.add_argument("--num-samples", type=number(int, 0), default=1000, help="samples per model (same seeds and labels for all)")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="generation batch; latency is measured per image at this batch")
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default as precompute.py")
@@ -88,8 +89,8 @@ def main():
     p.add_argument("--classifier-epochs", type=number(int, 0), default=8, help="epochs to train the feature classifier")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = finish_args(p.parse_args())
-    if not args.fid:
-        die("nothing to do: pass --fid")
+    if not (args.fid or args.prepare):
+        die("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
     spec = DATASETS[args.dataset]
     out = os.path.join(args.run_dir, "eval")
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
@@ -106,6 +107,8 @@ def main():
     ref_images = torch.stack([real_test[i][0] for i in range(n_ref)])
     clf_dir = os.path.join(args.run_dir, "classifier")
     clf = train_classifier(real_train, real_test, clf_dir, args) if spec["num_classes"] or args.feature_extractor != "inception" else None
+    if args.prepare:
+        return
     extractor = pick_extractor(args, clf_dir)
 
     # --- rows: same seeds and labels for every model

@@ -378,7 +378,8 @@ class Denoiser(nn.Module):
 @torch.no_grad()
 def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=None, progress=False):
     """Multi-step sampling from x_T = z with diffusers' schedulers on the teacher's own schedule.
-    DDIM (eta = 0, deterministic; "trailing" spacing so the first step is t = T-1, where x_T = z lives)
+    DDIM (eta = 0, deterministic; "trailing" spacing so the first step is t = T-1, where x_T = z lives;
+    x̂0 clipped to [-1, 1] as the scheduler config says, and ε̂ recomputed from the clipped x̂0)
     or full ancestral DDPM (`ddpm=True`, every one of the T steps; randomness from `generator`)."""
     if ddpm:
         sched = DDPMScheduler.from_config(denoiser.scheduler_config)
@@ -389,7 +390,9 @@ def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=N
     x = z
     for t in (tqdm(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps):
         out = denoiser.guided(x, t.to(z.device), y, s)
-        x = sched.step(out, t, x, generator=generator).prev_sample if ddpm else sched.step(out, t, x, eta=0.0).prev_sample
+        # use_clipped_model_output: with clip_sample, take ε̂ from the clipped x̂0, else guided steps diverge
+        x = (sched.step(out, t, x, generator=generator) if ddpm else
+             sched.step(out, t, x, eta=0.0, use_clipped_model_output=True)).prev_sample
     return x
 
 

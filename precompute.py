@@ -15,10 +15,10 @@ import time
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import PAIR_SETTINGS, load_json, shard_ok, shard_path, shard_size
+from data import PAIR_SETTINGS, load_json, save_grid, shard_ok, shard_path, shard_size
 from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_teacher, number,
                     sample_teacher, script_parser, seeded_noise, weights_hash, write_json)
 
@@ -104,6 +104,8 @@ def main():
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and todo:
+        first = load_file(shard_path(out, 0))["image"][:80]
+        save_grid(first, os.path.join(out, "preview.png"), nrow=10 if spec["num_classes"] else 8)
         dt = time.time() - t0
         print(f"pairs: {n_todo} written in {dt:.1f} s ({n_todo / dt:.1f} pairs/s, "
               f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}) -> {out}")

@@ -66,7 +66,8 @@ def main():
     torch.manual_seed(args.seed)  # the initial weights
     backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config)
     model = Denoiser(backbone, scheduler).to(accelerator.device)
-    ema = AveragedModel(model.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    # EMA of the parameters; BatchNorm statistics are recomputed for the averaged weights at the end (refresh_batchnorm)
+    ema = AveragedModel(model.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
@@ -145,6 +146,8 @@ def main():
             if step == total or stop:
                 break
     bar.close()
+    if ema:
+        refresh_batchnorm(Denoiser(ema.module, scheduler).to(accelerator.device), dataset, args)
     save(final=True)
     if accelerator.is_main_process:
         den = Denoiser(ema.module if ema else den.backbone, scheduler).eval()
@@ -157,6 +160,29 @@ def main():
         save_grid(x, os.path.join(out, "samples.png"), nrow=8)
         print(f"teacher: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out} (grid: {out}/samples.png, "
               f"DDIM-{args.sampling_steps}{f', guidance {args.guidance}' if n_classes else ''})")
+
+
+@torch.no_grad()
+def refresh_batchnorm(den, dataset, args, batches=20):
+    """Running BatchNorm statistics that match the EMA weights: the live model's statistics belong to other
+    weights, and with them the averaged network's outputs are far off. Cumulative average over `batches` batches."""
+    bns = [m for m in den.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    den.train()
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, generator=gen)
+    dev = next(den.parameters()).device
+    for _, (x0, y) in zip(range(batches), loader):
+        x0, y = x0.to(dev), y.to(dev)
+        t = torch.randint(0, den.T, (len(x0),), generator=gen).to(dev)
+        den(den.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), t), t, y)
+    for m in bns:
+        m.momentum = 0.1
+    den.eval()
 
 
 if __name__ == "__main__":

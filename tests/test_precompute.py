@@ -1,0 +1,62 @@
+import torch
+from conftest import read_json, run, tiny_teacher
+from safetensors.torch import load_file
+
+from data import load_pairs
+from models import Denoiser, load_teacher, sample_teacher
+
+
+def make_pairs(run_dir, *extra, check=True):
+    return run("precompute.py", "--run-dir", run_dir, "--num-pairs", 10, "--shard-size", 4, "--sampling-steps", 3, *extra,
+               check=check)
+
+
+def test_pairs_do_not_depend_on_batch_size(tmp_path):
+    for name, bs in (("a", 3), ("b", 8)):
+        tiny_teacher(tmp_path / name / "teacher", "mnist", "v_prediction")
+        make_pairs(tmp_path / name, "--batch-size", bs)
+    _, za, xa, ya = load_pairs(str(tmp_path / "a" / "pairs"))
+    _, zb, xb, yb = load_pairs(str(tmp_path / "b" / "pairs"))
+    assert torch.equal(za, zb) and torch.equal(ya, yb)  # noise and labels: bit for bit
+    # images: CPU kernels pick batch-size-dependent summation orders, so equal up to float rounding only
+    torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)
+    assert torch.equal(ya, torch.arange(10) % 10)
+
+
+def test_interrupted_run_completed_by_rerun_equals_uninterrupted(tmp_path):
+    for name in ("a", "b"):
+        tiny_teacher(tmp_path / name / "teacher", "mnist", "v_prediction")
+    make_pairs(tmp_path / "a")
+    make_pairs(tmp_path / "b", "--max-shards", 1)  # stops after one shard, as an interruption would
+    assert sorted(p.name for p in (tmp_path / "b" / "pairs").iterdir()) == ["meta.json", "shard_00000.safetensors"]
+    before = (tmp_path / "b" / "pairs" / "shard_00000.safetensors").stat().st_mtime_ns
+    make_pairs(tmp_path / "b")
+    assert (tmp_path / "b" / "pairs" / "shard_00000.safetensors").stat().st_mtime_ns == before  # skipped, not redone
+    for k in range(3):
+        a = load_file(tmp_path / "a" / "pairs" / f"shard_{k:05d}.safetensors")
+        b = load_file(tmp_path / "b" / "pairs" / f"shard_{k:05d}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    r = make_pairs(tmp_path / "b")
+    assert "nothing to do" in r.stdout
+
+
+def test_pairs_are_ddim_from_their_noise_and_meta_is_complete(tmp_path):
+    teacher = tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")
+    make_pairs(tmp_path, "--guidance", 3, "--seed", 7)
+    meta, z, x, y = load_pairs(str(tmp_path / "pairs"))
+    for key, value in dict(teacher=teacher, sampler="ddim", eta=0.0, sampling_steps=3, guidance=3.0, seed=7,
+                           num_pairs=10, num_shards=3, shape=[1, 28, 28], prediction_type="v_prediction").items():
+        assert meta[key] == value, key
+    assert len(meta["teacher_hash"]) == 16
+    assert torch.equal(z[5], torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(7 + 5)))
+    den = Denoiser(*load_teacher(teacher))
+    torch.testing.assert_close(sample_teacher(den, z[:4], y[:4], 3, 3.0), x[:4], rtol=0, atol=1e-5)
+
+
+def test_rerun_with_another_teacher_is_refused(tmp_path):
+    tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction", seed=0)
+    make_pairs(tmp_path)
+    tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction", seed=1)  # retrained teacher, same folder
+    r = make_pairs(tmp_path, check=False)
+    assert r.returncode == 2 and "teacher_hash" in r.stderr and "--overwrite" in r.stderr
+    assert read_json(tmp_path / "pairs" / "meta.json")["num_pairs"] == 10  # untouched
