@@ -10,9 +10,10 @@ export PYTHONUNBUFFERED := 1
 
 # CPU-demo sizes (see README "The demo" for why; the scripts' own defaults are the seed's GPU sizes).
 TEACHER_FLAGS ?= --n-feat 32 --prediction-type v_prediction --batch-size 128 --lr 1e-3 --lr-schedule cosine \
-                 --max-steps 600 --ema 0.995
-PAIRS_FLAGS ?= --num-pairs 1536 --sampling-steps 25 --guidance 2
-DISTILL_FLAGS ?= --lr 2e-5 --gen-every 5 --batch-size 32 --guidance 2 --steps 2000 --max-minutes 9 --ema 0.95
+                 --max-steps 800 --ema 0.995 --guidance 3
+PAIRS_FLAGS ?= --num-pairs 1024 --sampling-steps 25 --guidance 3
+DISTILL_FLAGS ?= --lr 2e-5 --gen-every 5 --batch-size 32 --guidance 3 --steps 5000 --max-minutes 6 --ema 0.95 \
+                 --log-every 25 --probe-every 100 --sample-every 250 --ckpt-every 250
 EVAL_FLAGS ?= --num-samples 1000
 
 .PHONY: install demo test benchmark clean-demo

@@ -80,7 +80,7 @@ def main():
     if args.resume and not os.path.exists(state_path):
         die(f"--resume: no {state_path} to resume from; drop --resume to start a new run")
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())  # cpu: real DDP under torchrun
     world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.batch_size % world:
         die(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
@@ -107,7 +107,7 @@ def main():
     opt_g = torch.optim.AdamW(net_g.parameters(), lr=args.lr)
     opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
     ema = AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # fresh z, y, t, ε of this process
+    gen = torch.Generator().manual_seed(args.seed)  # fresh z, y, t, ε: the same global stream on every process
     step = 0
     if args.resume:
         state = load_state(state_path)
@@ -117,7 +117,7 @@ def main():
         opt_fake.load_state_dict(state["opt_fake"])
         if ema:
             ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"][rank])
+        gen.set_state(state["gen"])
         step = state["step"]
     net_g_w, mu_fake_w, opt_g, opt_fake = accelerator.prepare(net_g, mu_fake, opt_g, opt_fake)
     T = net_g.T
@@ -152,7 +152,6 @@ def main():
 
     def save_all():
         """Student (diffusers format) and the training state; main process only."""
-        gens = accelerator.gather(gen.get_state()[None].to(dev)).cpu()
         if not accelerator.is_main_process:
             return
         save_teacher(net_g.backbone, scheduler, os.path.join(out, "student"))
@@ -160,19 +159,25 @@ def main():
             save_teacher(ema.module, scheduler, os.path.join(out, "student_ema"))
         save_state(dict(net_g=net_g.backbone.state_dict(), mu_fake=mu_fake.backbone.state_dict(),
                         opt_g=opt_g.state_dict(), opt_fake=opt_fake.state_dict(), ema=ema.state_dict() if ema else {},
-                        gen=list(gens), step=step), state_path)
+                        gen=gen.get_state(), step=step), state_path)
 
     t0 = t_log = time.time()
     last_g = {}  # the latest generator-step numbers, logged at every interval (with --gen-every > 1 too)
     g_updates = -(-step // args.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
     bar = tqdm(total=args.steps, initial=step, desc="dmd", disable=not accelerator.is_main_process)
     while step < args.steps:
-        # --- batches: fresh noise and labels; pairs in a per-epoch permutation, a function of the step (resumable)
-        z = torch.randn((B, *spec["shape"]), generator=gen).to(dev)
-        y = torch.randint(0, spec["num_classes"], (B,), generator=gen).to(dev) if spec["num_classes"] else None
+        # --- batches. Every process draws the same global batch and keeps its slice [rank::world], so N processes
+        # with batch B/N train exactly as one process with batch B. Pairs: a per-epoch permutation (resumable).
+        Bg, mine = args.batch_size, slice(rank, None, world)
+        z = torch.randn((Bg, *spec["shape"]), generator=gen)[mine].to(dev)
+        y = torch.randint(0, spec["num_classes"], (Bg,), generator=gen)[mine].to(dev) if spec["num_classes"] else None
+        t_dm = dm_timesteps(Bg, T, gen, args.t_min, args.t_max)[mine].to(dev)
+        eps_dm = torch.randn((Bg, *spec["shape"]), generator=gen)[mine].to(dev)
+        t_fake = torch.randint(0, T, (Bg,), generator=gen)[mine].to(dev)
+        eps_fake = torch.randn((Bg, *spec["shape"]), generator=gen)[mine].to(dev)
         epoch, offset = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(z_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
-        idx = perm[offset * args.batch_size:(offset + 1) * args.batch_size][rank::world]
+        idx = perm[offset * Bg:(offset + 1) * Bg][mine]
         z_ref, x_ref = z_pairs[idx].to(dev), x_pairs[idx].to(dev)
         y_ref = y_pairs[idx].to(dev) if y_pairs is not None else None
         gen_step = step % args.gen_every == 0
@@ -182,19 +187,18 @@ def main():
             if gen_step:
                 x_all = G(torch.cat([z, z_ref]), torch.cat([y, y_ref]) if y is not None else None)  # one forward
                 x, x_reg = x_all[:B], x_all[B:]
-                t = dm_timesteps(B, T, gen, args.t_min, args.t_max).to(dev)
-                x_t = net_g.add_noise(x.detach(), torch.randn(x.shape, generator=gen).to(dev), t)
+                x_t = net_g.add_noise(x.detach(), eps_dm, t_dm)
                 with torch.no_grad():
-                    p_real = mu_real.x0(x_t, t, y, args.guidance)
-                    p_fake = mu_fake.x0(x_t, t, y)
+                    p_real = mu_real.x0(x_t, t_dm, y, args.guidance)
+                    p_fake = mu_fake.x0(x_t, t_dm, y)
                 loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float())
                 loss_reg = reg_fn(x_reg.float(), x_ref.float())
                 loss_g = loss_dm + args.reg_weight * loss_reg
                 check_finite(step, loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg, out=out)
                 accelerator.backward(loss_g)
                 g_updates += 1
-                last_g = dict(g_updates=g_updates, loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(),
-                           grad_g=accelerator.clip_grad_norm_(net_g_w.parameters(), args.grad_clip).item())
+                last_g = dict(g_updates=g_updates, loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(),
+                              w=w.mean().item(), grad_g=accelerator.clip_grad_norm_(net_g_w.parameters(), args.grad_clip).item())
                 opt_g.step()
                 opt_g.zero_grad(set_to_none=True)
                 if ema:
@@ -205,14 +209,14 @@ def main():
         # --- fake score update: the teacher's denoising objective on G's images (never guided)
         with accelerator.autocast():
             x0 = x.detach()
-            t = torch.randint(0, T, (B,), generator=gen).to(dev)
-            eps = torch.randn(x0.shape, generator=gen).to(dev)
-            x_t = mu_fake.add_noise(x0, eps, t)
-            raw = mu_fake_w(x_t, t, y)
-            loss_fake = denoising_loss(raw, mu_fake.target(x0, eps, t), mu_fake.to_x0(x_t, t, raw), x0, args.fake_loss)
+            x_t = mu_fake.add_noise(x0, eps_fake, t_fake)
+            raw = mu_fake_w(x_t, t_fake, y)
+            loss_fake = denoising_loss(raw, mu_fake.target(x0, eps_fake, t_fake), mu_fake.to_x0(x_t, t_fake, raw), x0,
+                                       args.fake_loss)
         check_finite(step, loss_fake=loss_fake, out=out)
         accelerator.backward(loss_fake)
-        last_fake = dict(loss_fake=loss_fake.item(), grad_fake=accelerator.clip_grad_norm_(mu_fake_w.parameters(), args.grad_clip).item())
+        last_fake = dict(loss_fake=loss_fake.item(),
+                         grad_fake=accelerator.clip_grad_norm_(mu_fake_w.parameters(), args.grad_clip).item())
         opt_fake.step()
         opt_fake.zero_grad(set_to_none=True)
         step += 1
@@ -244,8 +248,10 @@ def main():
         if stop:
             break
     bar.close()
+    # Every process must hold the same netG and µfake (data parallelism); recorded so it can be checked.
+    sums = accelerator.gather(torch.tensor([[checksum(net_g), checksum(mu_fake)]], dtype=torch.float64, device=dev))
     if accelerator.is_main_process:
-        write_json(dict(steps_done=step, wall_minutes=(time.time() - t0) / 60, stopped_by_time=step < args.steps,
+        write_json(dict(steps_done=step, rank_checksums=sums.tolist(), wall_minutes=(time.time() - t0) / 60, stopped_by_time=step < args.steps,
                         mu_real_checksum=[real_checksum, checksum(mu_real)]), os.path.join(out, "summary.json"))
         print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/student "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")

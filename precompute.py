@@ -46,7 +46,7 @@ def main():
         die(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     out = os.path.join(args.run_dir, "pairs")
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
     backbone, scheduler = load_teacher(source)
     check_image_shape(backbone, args.dataset, source)
     den = Denoiser(backbone, scheduler).to(accelerator.device).eval()

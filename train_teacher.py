@@ -58,7 +58,7 @@ def main():
     if args.resume and not os.path.exists(state_path):
         die(f"--resume: no {state_path} to resume from; drop --resume to start a new run")
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())  # cpu: real DDP under torchrun
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.batch_size % world:
         die(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
@@ -74,7 +74,7 @@ def main():
         die(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): use a smaller batch")
     total = args.max_steps or args.epochs * steps_per_epoch
     lr_sched = get_scheduler(args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=total)
-    gen = torch.Generator().manual_seed(args.seed * 1000 + rank)  # noise, t and label dropout
+    gen = torch.Generator().manual_seed(args.seed)  # noise, t, label dropout: one global stream, sliced per process
     step = 0
     if args.resume:
         state = load_state(state_path)
@@ -83,7 +83,7 @@ def main():
         lr_sched.load_state_dict(state["lr_sched"])
         if ema:
             ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"][rank])
+        gen.set_state(state["gen"])
         step = state["step"]
     model, opt = accelerator.prepare(model, opt)
     den = accelerator.unwrap_model(model)
@@ -101,11 +101,10 @@ def main():
             write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
 
     def checkpoint():
-        gens = accelerator.gather(torch.stack([gen.get_state()]).to(accelerator.device)).cpu()
         save(final=False)
         if accelerator.is_main_process:
             save_state(dict(model=den.backbone.state_dict(), opt=opt.state_dict(),
-                            lr_sched=lr_sched.state_dict(), ema=ema.state_dict() if ema else {}, gen=list(gens),
+                            lr_sched=lr_sched.state_dict(), ema=ema.state_dict() if ema else {}, gen=gen.get_state(),
                             step=step), state_path)
 
     t0, t_log, stop = time.time(), time.time(), False
@@ -117,10 +116,10 @@ def main():
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=idx.tolist(), num_workers=args.num_workers)
         for x0, y in loader:
             x0, y = x0.to(accelerator.device), y.to(accelerator.device)
-            B, T = x0.shape[0], scheduler.config.num_train_timesteps
-            eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-            t = torch.randint(0, T, (B,), generator=gen).to(x0.device)
-            drop = torch.rand(B, generator=gen).to(x0.device) < args.label_dropout
+            Bg, mine, T = args.batch_size, slice(rank, None, world), scheduler.config.num_train_timesteps
+            eps = torch.randn((Bg, *x0.shape[1:]), generator=gen)[mine].to(x0.device)
+            t = torch.randint(0, T, (Bg,), generator=gen)[mine].to(x0.device)
+            drop = (torch.rand(Bg, generator=gen) < args.label_dropout)[mine].to(x0.device)
             y = torch.where(drop, torch.full_like(y, den.num_classes), y)  # the null label
             with accelerator.autocast():
                 loss = F.mse_loss(model(den.add_noise(x0, eps, t), t, y).float(), den.target(x0, eps, t).float())
