@@ -28,6 +28,11 @@ def to_unit(images_uint8):
     return images_uint8.float().div(127.5).sub(1)
 
 
+def to_uint8(images):
+    """Images in [-1, 1] (values outside are clipped, as any image file would) -> uint8, same shape."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def read_idx(path):
     """An MNIST-format IDX file (optionally gzipped) as a numpy array."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from tqdm import tqdm
 
-from data import load_dataset, load_pairs, save_grid
+from data import load_dataset, load_pairs, save_grid, to_uint8, to_unit
 from losses import denoising_loss, dm_loss, dm_timesteps, regression_loss
 from models import (DATASETS, Classifier, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_state,
                     load_teacher, make_dmd_networks, number, one_step, save_state, save_teacher, script_parser,
@@ -38,6 +38,7 @@ def main():
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="global batch of fresh noise, and of pairs (seed: 64)")
     p.add_argument("--steps", type=number(int, 0), default=None, help="training steps (seed: 2000 MNIST/CelebA, 1520 CIFAR-10)")
     p.add_argument("--max-minutes", type=number(float, 0), default=None, help="also stop after this much wall time (demo budget)")
+    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=1.0, help="weight of the DM loss (0 = regression only, for ablations)")
     p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=0.25, help="λ_reg on the regression loss (seed's α: 0.25)")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "pseudo_huber", "l2"], help="regression distance (LPIPS at 224 as DMD)")
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")
@@ -58,7 +59,7 @@ def main():
     p.add_argument("--probe-samples", type=number(int, 0), default=500, help="samples per quality probe")
     p.add_argument("--data-dir", default=None, help="dataset folder for the probe's real reference images")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/dmd/train_state.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in <run-dir>/dmd")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/dmd")
     args = finish_args(p.parse_args())
     spec = DATASETS[args.dataset]
     args.lr = args.lr or SEED_LR[args.dataset]
@@ -162,6 +163,7 @@ def main():
                         gen=gen.get_state(), step=step), state_path)
 
     t0 = t_log = time.time()
+    perm = None
     last_g = {}  # the latest generator-step numbers, logged at every interval (with --gen-every > 1 too)
     g_updates = -(-step // args.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
     bar = tqdm(total=args.steps, initial=step, desc="dmd", disable=not accelerator.is_main_process)
@@ -176,13 +178,14 @@ def main():
         t_fake = torch.randint(0, T, (Bg,), generator=gen)[mine].to(dev)
         eps_fake = torch.randn((Bg, *spec["shape"]), generator=gen)[mine].to(dev)
         epoch, offset = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(z_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
+        if offset == 0 or perm is None:  # a new permutation per epoch, a function of (seed, epoch)
+            perm = torch.randperm(len(z_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
         idx = perm[offset * Bg:(offset + 1) * Bg][mine]
         z_ref, x_ref = z_pairs[idx].to(dev), x_pairs[idx].to(dev)
         y_ref = y_pairs[idx].to(dev) if y_pairs is not None else None
         gen_step = step % args.gen_every == 0
 
-        # --- generator update: loss_G = loss_DM + λ_reg loss_reg
+        # --- generator update: loss_G = loss_DM + λ_reg loss_reg (--dm-weight scales loss_DM for ablations only)
         with accelerator.autocast(), torch.set_grad_enabled(gen_step):
             if gen_step:
                 x_all = G(torch.cat([z, z_ref]), torch.cat([y, y_ref]) if y is not None else None)  # one forward
@@ -193,7 +196,7 @@ def main():
                     p_fake = mu_fake.x0(x_t, t_dm, y)
                 loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float())
                 loss_reg = reg_fn(x_reg.float(), x_ref.float())
-                loss_g = loss_dm + args.reg_weight * loss_reg
+                loss_g = args.dm_weight * loss_dm + args.reg_weight * loss_reg
                 check_finite(step, loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg, out=out)
                 accelerator.backward(loss_g)
                 g_updates += 1
@@ -276,7 +279,7 @@ def make_probe(args, spec, dev):
     def probe(net_g):
         x = torch.cat([one_step(net_g, zc, yc.to(dev) if yc is not None else None)
                        for zc, yc in zip(z.split(250), y.split(250) if y is not None else [None] * len(z.split(250)))])
-        f, logits = clf(x)
+        f, logits = clf(to_unit(to_uint8(x)))  # the images as saved: clipped to [-1, 1] and quantised, as evaluate.py sees them
         fid = fid_statistics_to_metric(fid_features_to_statistics(f.cpu().double()), ref, False)["frechet_inception_distance"]
         acc = (logits.argmax(1).cpu() == y).float().mean().item() if y is not None else None
         return dict(probe_fid=float(fid), **({"probe_acc": acc} if acc is not None else {}))
@@ -308,6 +311,8 @@ def plot_losses(out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if not os.path.exists(os.path.join(out, "stats.jsonl")):  # a checkpoint before the first log line
+        return
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     keys = [k for k in ("loss_dm", "loss_reg", "loss_fake", "w", "grad_g", "grad_fake", "probe_fid") if any(k in r for r in rows)]

@@ -20,7 +20,7 @@ import torch_fidelity
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import load_dataset, load_json, save_grid
+from data import load_dataset, load_json, save_grid, to_uint8
 from models import (DATASETS, Classifier, Denoiser, check_image_shape, default_teacher, die, finish_args, generate,
                     load_teacher, number, script_parser, write_json)
 
@@ -29,7 +29,7 @@ class Uint8Images(Dataset):
     """Images in [-1, 1] -> uint8 (C, H, W) tensors, the input torch-fidelity takes; grey -> 3 channels if asked."""
 
     def __init__(self, images, rgb=False):
-        self.u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        self.u8 = to_uint8(images)
         self.rgb = rgb
 
     def __len__(self):

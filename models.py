@@ -155,7 +155,8 @@ class Classifier(ModelMixin, ConfigMixin):
     which of 4 rotations was applied (self-supervised, so unlabelled faces get meaningful features too)."""
 
     @register_to_config
-    def __init__(self, in_channels=1, num_outputs=10, width=32, feature_dim=128, task="classes", test_accuracy=None):
+    def __init__(self, in_channels=1, num_outputs=10, width=32, feature_dim=128, task="classes", test_accuracy=None,
+                 dataset=None):
         super().__init__()
         w = width
         self.features = nn.Sequential(
@@ -259,7 +260,7 @@ def load_teacher(source):
             die(f"teacher '{source}' is a {config.get('_class_name')}; supported backbones: {', '.join(BACKBONES)}")
         backbone = cls.from_pretrained(source)
         scheduler = DDPMScheduler.from_pretrained(source)
-    except (OSError, ValueError, RuntimeError) as e:  # network down, missing files, truncated weights
+    except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
         if os.path.isdir(source):
             die(f"teacher folder '{source}' could not be loaded ({str(e).splitlines()[0][:150]}): "
                 f"re-save it with `python train_teacher.py` or point --teacher at a complete folder")

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from data import save_grid
+from data import save_grid, to_uint8
 from models import (DATASETS, Denoiser, check_image_shape, default_teacher, die, finish_args, generate, load_teacher,
                     number, script_parser)
 
@@ -44,7 +44,7 @@ def main():
     name = f"{args.model}" + (f"-ddpm{den.T}" if args.full_ddpm else f"-ddim{args.sampling_steps}" if args.model == "teacher" else "")
     save_grid(images[:80], os.path.join(out, f"{name}.png"), nrow=8 if den.num_classes == 0 else 10)
     if args.out:
-        u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        u8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
         np.savez(os.path.join(out, "samples.tmp.npz"), images=u8,
                  labels=labels.numpy() if labels is not None else np.zeros(0, np.int64))
         os.replace(os.path.join(out, "samples.tmp.npz"), os.path.join(out, "samples.npz"))

@@ -55,6 +55,8 @@ def main():
     state_path = os.path.join(out, "train_state.pt")
     if os.path.exists(os.path.join(out, "train_config.json")) and not (args.overwrite or args.resume):
         die(f"{out} already holds a teacher: pass --overwrite to replace it, --resume to continue it, or another --run-dir")
+    if os.path.exists(state_path) and not (args.overwrite or args.resume):
+        die(f"{out} holds an unfinished teacher run: pass --resume to continue it or --overwrite to start again")
     if args.resume and not os.path.exists(state_path):
         die(f"--resume: no {state_path} to resume from; drop --resume to start a new run")
 
@@ -93,15 +95,8 @@ def main():
         os.makedirs(out, exist_ok=True)
         print("config:", config)
 
-    def save(final):
-        if not accelerator.is_main_process:
-            return
-        save_teacher(ema.module if ema else den.backbone, scheduler, out)  # weights first, then the state
-        if final:
-            write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
-
     def checkpoint():
-        save(final=False)
+        """The training state only: the teacher folder is written once, at the end (after EMA's BatchNorm refresh)."""
         if accelerator.is_main_process:
             save_state(dict(model=den.backbone.state_dict(), opt=opt.state_dict(),
                             lr_sched=lr_sched.state_dict(), ema=ema.state_dict() if ema else {}, gen=gen.get_state(),
@@ -147,8 +142,9 @@ def main():
     bar.close()
     if ema:
         refresh_batchnorm(Denoiser(ema.module, scheduler).to(accelerator.device), dataset, args)
-    save(final=True)
     if accelerator.is_main_process:
+        save_teacher(ema.module if ema else den.backbone, scheduler, out)
+        write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
         den = Denoiser(ema.module if ema else den.backbone, scheduler).eval()
         n_classes = den.num_classes
         rows = n_classes or 8

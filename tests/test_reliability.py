@@ -1,0 +1,161 @@
+"""Interruption (kill -9 of a real process), bad input (one line, exit 2, nothing written), numerical faults,
+and safe loading."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import ROOT, fake_mnist, run, tiny_teacher
+from safetensors.torch import load_file
+
+
+def kill_when(script, args, path, extra_wait=0.0):
+    """Start a script, kill -9 it as soon as `path` exists (plus extra_wait seconds), return when it is dead."""
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    deadline = time.time() + 300
+    while not os.path.exists(path) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(extra_wait)
+    p.kill()
+    p.wait()
+    return p.returncode
+
+
+def same_safetensors(a, b):
+    wa, wb = load_file(a), load_file(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_train_teacher_survives_kill(tmp_path):
+    fake_mnist(tmp_path, n=16)
+    args = ["--data-dir", tmp_path, "--n-feat", 8, "--batch-size", 4, "--max-steps", 60, "--ckpt-every", 2,
+            "--sampling-steps", 1]
+    run("train_teacher.py", "--run-dir", tmp_path / "a", *args)
+    state = tmp_path / "b" / "teacher" / "train_state.pt"
+    kill_when("train_teacher.py", ["--run-dir", tmp_path / "b", *args], state)
+    assert torch.load(state, weights_only=True)["step"] < 60  # really interrupted, and the state is readable
+    run("train_teacher.py", "--run-dir", tmp_path / "b", *args, "--resume")
+    assert same_safetensors(tmp_path / "a" / "teacher" / "diffusion_pytorch_model.safetensors",
+                            tmp_path / "b" / "teacher" / "diffusion_pytorch_model.safetensors")
+
+
+def test_precompute_survives_kill(tmp_path):
+    args = ["--num-pairs", 12, "--shard-size", 3, "--sampling-steps", 3, "--batch-size", 2]
+    for name in ("a", "b"):
+        tiny_teacher(tmp_path / name / "teacher", "mnist", "v_prediction")
+    run("precompute.py", "--run-dir", tmp_path / "a", *args)
+    kill_when("precompute.py", ["--run-dir", tmp_path / "b", *args], tmp_path / "b" / "pairs" / "shard_00000.safetensors")
+    assert not (tmp_path / "b" / "pairs" / "shard_00003.safetensors").exists()  # really interrupted
+    run("precompute.py", "--run-dir", tmp_path / "b", *args)
+    for k in range(4):
+        name = f"shard_{k:05d}.safetensors"
+        assert same_safetensors(tmp_path / "a" / "pairs" / name, tmp_path / "b" / "pairs" / name), name
+
+
+def test_distill_survives_kill(mnist_run, tmp_path):
+    args = ["--steps", 12, "--ckpt-every", 2, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--lr", 1e-4,
+            "--probe-every", 0, "--sample-every", 100]
+    for name in ("a", "b"):
+        shutil.copytree(mnist_run / "teacher", tmp_path / name / "teacher")
+        shutil.copytree(mnist_run / "pairs", tmp_path / name / "pairs")
+    run("distill.py", "--run-dir", tmp_path / "a", *args)
+    state = tmp_path / "b" / "dmd" / "train_state.pt"
+    kill_when("distill.py", ["--run-dir", tmp_path / "b", *args], state, extra_wait=0.2)
+    assert not (tmp_path / "b" / "dmd" / "summary.json").exists()
+    run("distill.py", "--run-dir", tmp_path / "b", *args, "--resume")
+    assert same_safetensors(tmp_path / "a" / "dmd" / "student" / "diffusion_pytorch_model.safetensors",
+                            tmp_path / "b" / "dmd" / "student" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def bad_input_env(tmp_path_factory, mnist_run):
+    """A finished MNIST run (teacher, pairs, dmd) plus broken variants, for the bad-input table."""
+    root = tmp_path_factory.mktemp("bad")
+    good = root / "good"
+    shutil.copytree(mnist_run / "teacher", good / "teacher")
+    shutil.copytree(mnist_run / "pairs", good / "pairs")
+    run("distill.py", "--run-dir", good, "--steps", 1, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--probe-every", 0)
+    truncated = root / "truncated"
+    shutil.copytree(good, truncated)
+    w = truncated / "teacher" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    shard = truncated / "pairs" / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:500])
+    other = root / "other"
+    shutil.copytree(good, other)
+    tiny_teacher(other / "teacher", "mnist", "v_prediction", seed=9)
+    shutil.rmtree(other / "dmd")
+    (root / "empty_teacher").mkdir()
+    return root
+
+
+BAD = [  # (script, args, words the one-line message must contain)
+    ("train_teacher.py", ["--dataset", "imagenet"], "invalid choice"),
+    ("precompute.py", ["--teacher", "{root}/nowhere"], "neither a folder nor a hub id"),
+    ("precompute.py", ["--teacher", "{root}/empty_teacher", "--run-dir", "{root}/x"], "has no diffusion_pytorch_model"),
+    ("precompute.py", ["--dataset", "cifar10", "--run-dir", "{root}/x"], "cannot be fetched without network"),
+    ("precompute.py", ["--run-dir", "{root}/truncated"], "could not be loaded"),
+    ("distill.py", ["--run-dir", "{root}/other", "--probe-every", 0], "another teacher"),
+    ("distill.py", ["--run-dir", "{root}/good", "--guidance", 4, "--overwrite"], "guidance"),
+    ("distill.py", ["--run-dir", "{root}/good", "--pairs", "{root}/truncated/pairs", "--overwrite"], "truncated"),
+    ("distill.py", ["--run-dir", "{root}/good", "--lr", 0], "--lr: 0 must be > 0"),
+    ("distill.py", ["--run-dir", "{root}/good", "--lr", "fast"], "'fast' is not a float"),
+    ("distill.py", ["--run-dir", "{root}/good", "--batch-size", 0], "--batch-size: 0 must be > 0"),
+    ("precompute.py", ["--run-dir", "{root}/good", "--num-pairs", 0], "--num-pairs: 0 must be > 0"),
+    ("precompute.py", ["--dataset", "celeba", "--teacher", "{root}/good/teacher", "--guidance", -1], "must be >= 0"),
+    ("precompute.py", ["--dataset", "celeba", "--teacher", "{root}/good/teacher", "--guidance", 2], "unconditional"),
+    ("precompute.py", ["--dataset", "cifar10", "--teacher", "{root}/good/teacher", "--run-dir", "{root}/x"], "makes 1x28x28 images"),
+    ("distill.py", ["--run-dir", "{root}/good"], "--overwrite"),
+    ("train_teacher.py", ["--run-dir", "{root}/good/..", "--data-dir", "{root}/nowhere"], "does not exist"),
+]
+
+
+def test_bad_input_table(bad_input_env):
+    root = bad_input_env
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    def case(c):
+        script, args, words = c
+        return c, run(script, *[str(a).format(root=root) for a in args], check=False)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(case, BAD))
+    for (script, args, words), r in results:
+        lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and "warnings.warn" not in l]
+        assert r.returncode == 2, (script, args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (script, args, r.stderr[-2000:])
+        assert lines and lines[-1].startswith("error: ") and words in lines[-1], (script, args, lines[-3:])
+        print(f"| {script} {' '.join(map(str, args))} | {lines[-1]} |")  # the table for humans (pytest -s)
+    after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert after == before  # nothing written or overwritten
+    assert not (root / "x").exists()
+
+
+def test_nan_stops_the_run_naming_step_and_loss(mnist_run, tmp_path):
+    shutil.copytree(mnist_run / "teacher", tmp_path / "teacher")
+    shutil.copytree(mnist_run / "pairs", tmp_path / "pairs")
+    r = run("distill.py", "--run-dir", tmp_path, "--steps", 20, "--batch-size", 4, "--lr", 1e30, "--ckpt-every", 1,
+            "--reg-loss", "pseudo_huber", "--probe-every", 0, check=False)
+    assert r.returncode == 2 and "at step" in r.stderr and "last good checkpoint" in r.stderr
+    step = int(r.stderr.split("at step ")[1].split(":")[0])
+    assert torch.load(tmp_path / "dmd" / "train_state.pt", weights_only=True)["step"] == step  # the last good one
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this code ran while loading",))
+
+
+def test_pickled_checkpoint_is_refused(mnist_run, tmp_path):
+    shutil.copytree(mnist_run / "teacher", tmp_path / "teacher")
+    shutil.copytree(mnist_run / "pairs", tmp_path / "pairs")
+    (tmp_path / "dmd").mkdir()
+    torch.save({"step": 1, "payload": Evil()}, tmp_path / "dmd" / "train_state.pt")
+    r = run("distill.py", "--run-dir", tmp_path, "--resume", "--steps", 2, "--batch-size", 4, "--probe-every", 0,
+            check=False)
+    assert r.returncode == 2 and "pickled objects" in r.stderr and "this code ran" not in r.stdout + r.stderr
