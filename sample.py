@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from data import save_grid, to_uint8
-from models import (DATASETS, Denoiser, check_image_shape, default_teacher, die, finish_args, generate, load_teacher,
+from models import (Denoiser, check_image_shape, default_teacher, die, finish_args, generate, load_teacher,
                     number, script_parser)
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema")
@@ -29,10 +29,9 @@ def main():
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps for --model teacher")
     p.add_argument("--full-ddpm", action="store_true", help="ancestral DDPM over all T steps instead of DDIM (slow)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=2.0, help="guidance scale for the multi-step teacher (class-conditional only)")
-    p.add_argument("--out", default=None, help="folder for samples.npz and grid.png; default: grid only, in <run-dir>/samples/")
+    p.add_argument("--out", default=None, help="folder for samples.npz and the grid PNG; default: the grid only, in <run-dir>/samples/")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = finish_args(p.parse_args())
-    spec = DATASETS[args.dataset]
     source = model_source(args)
     backbone, scheduler = load_teacher(source)
     check_image_shape(backbone, args.dataset, source)

@@ -7,7 +7,6 @@ The teacher's full T-step latency is measured on a few steps and scaled to T (sa
 Memory: CUDA max allocated on a GPU; on the CPU, the peak RSS of a fresh process running the same work once
 (minus that process's RSS before it), labelled `cpu_peak_rss`.
 """
-import json
 import os
 import subprocess
 import sys
@@ -89,8 +88,7 @@ def teacher_train_step(den, opt, x0, y):
 
 
 def run_case(case, dataset, B):
-    """Run one case once (after a warm-up) and return the peak memory in MB of that work."""
-    spec = DATASETS[dataset]
+    """Run one case once (after a warm-up on CUDA) and return the peak memory in MB of that work."""
     den = networks(dataset)
     z, y = inputs(dataset, B)
     if case == "distill":
