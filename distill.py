@@ -163,6 +163,7 @@ def main():
                         gen=gen.get_state(), step=step), state_path)
 
     t0 = t_log = time.time()
+    step_log = step  # the step of the last stats row (ms_per_step averages since then)
     perm = None
     last_g = {}  # the latest generator-step numbers, logged at every interval (with --gen-every > 1 too)
     g_updates = -(-step // args.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
@@ -228,12 +229,13 @@ def main():
         stop = args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60
         stop = bool(accelerator.gather(torch.tensor([stop], device=dev)).any())  # every process stops together
         last = step == args.steps or stop
-        if accelerator.is_main_process and (step % args.log_every == 0 or last):
-            ms = (time.time() - t_log) * 1000 / (step % args.log_every or args.log_every)
-            t_log = time.time()
+        probe_now = probe is not None and (step % args.probe_every == 0 or last)  # on its own schedule
+        if accelerator.is_main_process and (step % args.log_every == 0 or last or probe_now):
+            ms = (time.time() - t_log) * 1000 / (step - step_log)
+            t_log, step_log = time.time(), step
             row = dict(step=step, **last_g, **last_fake, ms_per_step=ms, images_per_s=args.batch_size * 1000 / ms,
                        minutes=(time.time() - t0) / 60)
-            if probe and (step % args.probe_every == 0 or last):
+            if probe_now:
                 row.update(probe(net_g))
             with open(os.path.join(out, "stats.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
