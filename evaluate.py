@@ -161,6 +161,7 @@ def train_classifier(train, test, folder, args):
         return Classifier.from_pretrained(folder).eval()
     labelled = DATASETS[args.dataset]["num_classes"] > 0
     C = DATASETS[args.dataset]["shape"][0]
+    torch.manual_seed(args.seed)  # its initial weights: else each run gets another feature space, so another FID scale
     net = Classifier(in_channels=C, num_outputs=DATASETS[args.dataset]["num_classes"] if labelled else 4)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)

@@ -3,13 +3,18 @@
     pytest benchmarks --benchmark-only [--benchmark-json out.json]
 
 Real architectures of the three teachers with random weights (timing does not depend on the weights).
-The teacher's full T-step latency is measured on a few steps and scaled to T (said in extra_info).
-Memory: CUDA max allocated on a GPU; on the CPU, the peak RSS of a fresh process running the same work once
-(minus that process's RSS before it), labelled `cpu_peak_rss`.
+The teacher's full T-step latency is measured on a few steps and scaled to T (said in extra_info). Its steps are
+timed in the `setup` of every benchmark round, so on a noisy machine drift hits both sides of a ratio alike.
+Memory is the peak while the work runs, its first call included (it doubles as the warm-up and makes AdamW's
+state), above what the process held before the test built its networks: CUDA max allocated on a GPU, peak RSS on the
+CPU (labelled `cpu_peak_rss`).
 """
+import ctypes
+import gc
 import os
-import subprocess
-import sys
+import platform
+import statistics
+import time
 
 import pytest
 import torch
@@ -18,15 +23,14 @@ from losses import denoising_loss, dm_loss, dm_timesteps, pseudo_huber
 from models import DATASETS, Denoiser, make_dmd_networks, make_teacher, one_step
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-CPU_SCALED_STEPS = 2  # teacher steps measured on the CPU, then scaled to T
-GPU_SCALED_STEPS = 50
+TEACHER_STEPS = 50 if DEV == "cuda" else 2  # teacher steps timed per round, then scaled to T
+GUIDANCE = 2.0  # distill.py's default guidance for µreal of a class-conditional teacher (MNIST)
+SLOW_S = 30  # a DMD step expected to take longer (CIFAR-10 on a small CPU) is timed once after the warm-up
+LINUX_RSS = os.path.exists("/proc/self/clear_refs")  # CPU memory is read from /proc; elsewhere it is reported as NaN
 
 
 def device_name():
-    if DEV == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return torch.cuda.get_device_name() if DEV == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def sync():
@@ -34,13 +38,73 @@ def sync():
         torch.cuda.synchronize()
 
 
+def timer(fn, out):
+    """fn, wrapped to append its wall time in seconds to `out`."""
+    def timed():
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return timed
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: CUDA's allocator counts tensors exactly; on the CPU, the peak resident set (VmHWM) of this process
+# ---------------------------------------------------------------------------------------------
+def proc_status_bytes(key):
+    with open("/proc/self/status") as f:
+        return 1024 * next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def release_freed():
+    """Drop garbage; on the CPU also hand freed heap back to the OS (glibc keeps it, all the more under
+    models.keep_freed_memory), so that RSS counts live memory and the work measured next cannot hide its use in
+    memory an earlier test freed."""
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    elif LINUX_RSS:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def mem_baseline():
+    """Bytes held before a test builds its networks."""
+    release_freed()
+    if DEV == "cuda":
+        return torch.cuda.memory_allocated()
+    return proc_status_bytes("VmRSS") if LINUX_RSS else float("nan")
+
+
+class PeakMemory:
+    """`with PeakMemory(base) as m:` ... then m.mb = the peak in MB above `base` while the block ran, m.kind = what
+    was measured."""
+
+    def __init__(self, base):
+        self.base, self.kind = base, "cuda_max_allocated" if DEV == "cuda" else "cpu_peak_rss"
+
+    def __enter__(self):
+        release_freed()
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif LINUX_RSS:
+            with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current RSS
+                f.write("5")
+        return self
+
+    def __exit__(self, *exc):
+        sync()
+        peak = torch.cuda.max_memory_allocated() if DEV == "cuda" else proc_status_bytes("VmHWM") if LINUX_RSS else self.base
+        self.mb = (peak - self.base) / 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------
+# The work
+# ---------------------------------------------------------------------------------------------
 def networks(dataset):
     backbone, scheduler = make_teacher(dataset, "epsilon")
     return Denoiser(backbone.eval(), scheduler).to(DEV)
-
-
-def dmd_networks(den, dataset):
-    return tuple(n.to(DEV) for n in make_dmd_networks(den.backbone, make_teacher(dataset)[1]))
 
 
 def inputs(dataset, B):
@@ -51,32 +115,41 @@ def inputs(dataset, B):
 
 
 def teacher_steps(den, z, y, n):
-    """n guided-or-not denoiser evaluations at decreasing t: the cost of n sampler steps."""
+    """n denoiser evaluations at decreasing t: the cost of n sampler steps (without guidance: NFE = T)."""
     x = z
     for t in torch.linspace(den.T - 1, 0, n).long().tolist():
         x = den.x0(x, t, y)
     return x
 
 
-def distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z_ref, x_ref):
-    """One DMD step as distill.py does it (generator update + µfake update), without the logging."""
+def distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z_ref, x_ref, tick=lambda phase: None):
+    """One DMD step as distill.py does it with its defaults (generator update with guided µreal, then µfake update).
+    `tick(phase)` is called at the end of each phase (benchmarks/step_breakdown.py times them)."""
     B, T = len(z), net_g.T
     x_all = one_step(net_g, torch.cat([z, z_ref]), torch.cat([y, y]) if y is not None else None)
     x, x_reg = x_all[:B], x_all[B:]
+    tick("netG forward, 2B images (fresh + regression batch)")
     t = dm_timesteps(B, T).to(DEV)
     x_t = net_g.add_noise(x.detach(), torch.randn_like(x), t)
     with torch.no_grad():
-        p_real, p_fake = mu_real.x0(x_t, t, y), mu_fake.x0(x_t, t, y)
+        p_real = mu_real.x0(x_t, t, y, GUIDANCE if y is not None else 1.0)
+        tick("µreal forward" + (", guided (2B)" if y is not None else ""))
+        p_fake = mu_fake.x0(x_t, t, y)
+        tick("µfake forward")
     loss_g = dm_loss(x, p_real, p_fake)[0] + 0.25 * pseudo_huber(x_reg, x_ref)
     loss_g.backward()
     opt_g.step()
     opt_g.zero_grad(set_to_none=True)
+    tick("netG backward (2B) + AdamW")
     t = torch.randint(0, T, (B,), device=DEV)
     eps = torch.randn_like(x)
     x_t = mu_fake.add_noise(x.detach(), eps, t)
-    denoising_loss(mu_fake(x_t, t, y), mu_fake.target(x.detach(), eps, t)).backward()
+    raw = mu_fake(x_t, t, y)
+    tick("µfake forward with grad")
+    denoising_loss(raw, mu_fake.target(x.detach(), eps, t)).backward()
     opt_fake.step()
     opt_fake.zero_grad(set_to_none=True)
+    tick("µfake backward + AdamW")
 
 
 def teacher_train_step(den, opt, x0, y):
@@ -87,112 +160,56 @@ def teacher_train_step(den, opt, x0, y):
     opt.zero_grad(set_to_none=True)
 
 
-def run_case(case, dataset, B):
-    """Run one case once (after a warm-up on CUDA) and return the peak memory in MB of that work."""
-    den = networks(dataset)
-    z, y = inputs(dataset, B)
-    if case == "distill":
-        net_g, mu_real, mu_fake = dmd_networks(den, dataset)
-        opt_g = torch.optim.AdamW(net_g.parameters(), 1e-6)
-        opt_fake = torch.optim.AdamW(mu_fake.parameters(), 1e-6)
-        fn = lambda: distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z, torch.zeros_like(z))  # noqa: E731
-    elif case == "teacher_train":
-        den.train()
-        opt = torch.optim.AdamW(den.parameters(), 1e-6)
-        fn = lambda: teacher_train_step(den, opt, z, y)  # noqa: E731
-    elif case == "onestep":
-        fn = lambda: torch.no_grad()(one_step)(den, z, y)  # noqa: E731
-    else:  # teacher sampling, a couple of steps
-        fn = lambda: torch.no_grad()(teacher_steps)(den, z, y, CPU_SCALED_STEPS)  # noqa: E731
-    if DEV == "cuda":
-        fn()  # warm-up (cuDNN autotuning, allocator)
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        sync()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so the peak below belongs to fn() alone.
-    # (ru_maxrss is the lifetime peak: building the networks had already set it, and the first run read 0 MB.)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = proc_status_kb("VmRSS")
-    fn()
-    return (proc_status_kb("VmHWM") - before) / 1024
-
-
-def proc_status_kb(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
-def peak_mem(case, dataset, B):
-    """(MB, kind): on CUDA in-process; on the CPU in a fresh process so the peak belongs to this work alone."""
-    if DEV == "cuda":
-        return run_case(case, dataset, B), "cuda_max_allocated"
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}); "
-            f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import test_speed_memory as b; print(b.run_case({case!r}, {dataset!r}, {B}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1]), "cpu_peak_rss"
-
-
-def timed(benchmark, fn, rounds):
-    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1 if DEV == "cuda" or rounds > 1 else 0, iterations=1)
-    return benchmark.stats.stats.median
-
-
+# ---------------------------------------------------------------------------------------------
+# Benchmarks
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dataset", list(DATASETS))
 @pytest.mark.parametrize("B", [1, 64])
+@torch.no_grad()
 def test_onestep_vs_teacher_latency(benchmark, dataset, B):
+    base = mem_baseline()
     den = networks(dataset)
     z, y = inputs(dataset, B)
-    steps = GPU_SCALED_STEPS if DEV == "cuda" else CPU_SCALED_STEPS
-    with torch.no_grad():
-        import time
-        teacher_times = []
-        for _ in range(3):  # the teacher's few steps, timed beside the one-step generator in the same process
-            sync()
-            t0 = time.perf_counter()
-            teacher_steps(den, z, y, steps)
-            sync()
-            teacher_times.append(time.perf_counter() - t0)
-        teacher_full = sorted(teacher_times)[1] / steps * den.T  # median, scaled to all T steps
-
-        def fn():
-            one_step(den, z, y)
-            sync()
-        median = timed(benchmark, fn, rounds=10 if B == 1 else 3)
-    mem, kind = peak_mem("onestep", dataset, B)
+    with PeakMemory(base) as mem:
+        one_step(den, z, y)  # also the warm-up
+    teacher = []
+    benchmark.pedantic(lambda: (one_step(den, z, y), sync()), rounds=10 if B == 1 else 3, iterations=1,
+                       setup=timer(lambda: teacher_steps(den, z, y, TEACHER_STEPS), teacher))
+    median = benchmark.stats.stats.median
+    teacher_full = statistics.median(teacher) / TEACHER_STEPS * den.T
     benchmark.extra_info.update(dataset=dataset, batch=B, device=device_name(), ms_per_image=1000 * median / B,
                                 teacher_ms_per_image=1000 * teacher_full / B, teacher_steps=den.T,
-                                teacher_measured_steps=steps, teacher_scaled=True,
-                                speedup_vs_teacher=teacher_full / median, peak_mem_mb=mem, mem_kind=kind)
+                                teacher_measured_steps=TEACHER_STEPS, teacher_scaled=True,
+                                speedup_vs_teacher=teacher_full / median, peak_mem_mb=mem.mb, mem_kind=mem.kind)
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_distill_step(benchmark, dataset):
     B = 64
+    base = mem_baseline()
     den = networks(dataset)
     z, y = inputs(dataset, B)
-    net_g, mu_real, mu_fake = dmd_networks(den, dataset)
+    opt = torch.optim.AdamW(den.train().parameters(), 1e-6)
+    train = []
+    with PeakMemory(base) as train_mem:  # AdamW's state is made in the first step: counted
+        timer(lambda: teacher_train_step(den, opt, z, y), train)()
+    opt = None  # frees AdamW's state before the DMD networks are built
+    den.eval()
+    net_g, mu_real, mu_fake = tuple(n.to(DEV) for n in make_dmd_networks(den.backbone, make_teacher(dataset)[1]))
     opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), 1e-6), torch.optim.AdamW(mu_fake.parameters(), 1e-6)
-    import time
-    with torch.no_grad():
-        fwd = []
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            mu_real(z, torch.full((B,), 100, device=DEV), y)
-            sync()
-            fwd.append(time.perf_counter() - t0)
-
-    def fn():
-        distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z, torch.zeros_like(z))
-        sync()
-    median = timed(benchmark, fn, rounds=3 if DEV == "cuda" else 1)  # a CIFAR-10 step takes about a minute on 2 cores
-    mem, kind = peak_mem("distill", dataset, B)
-    train_mem, _ = peak_mem("teacher_train", dataset, B)
+    forward = []
+    # A DMD step costs about five teacher training steps. Where that is minutes (CIFAR-10 on a small CPU), one step
+    # after the warm-up is timed, to keep the suite under 10 minutes. (Not the warm-up itself: first-call costs,
+    # fresh memory and AdamW's state, made CIFAR-10's first step 15% slower than the next on the CPU.)
+    slow = DEV == "cpu" and 5 * train[0] > SLOW_S
+    with PeakMemory(base) as mem:  # every step of the benchmark, the first one (AdamW's states made) included
+        benchmark.pedantic(lambda: (distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z, torch.zeros_like(z)),
+                                    sync()),
+                           setup=timer(torch.no_grad()(lambda: mu_real(z, torch.full((B,), 100, device=DEV), y)), forward),
+                           rounds=1 if slow else 3, warmup_rounds=1, iterations=1)
+    median, fwd = benchmark.stats.stats.median, statistics.median(forward)
     benchmark.extra_info.update(dataset=dataset, batch=B, device=device_name(), step_ms=1000 * median,
-                                teacher_forward_ms=1000 * sorted(fwd)[1], step_vs_teacher_forward=median / sorted(fwd)[1],
-                                peak_mem_mb=mem, mem_kind=kind, teacher_train_step_peak_mem_mb=train_mem,
-                                mem_vs_teacher_train_step=mem / max(train_mem, 1e-9))
+                                teacher_forward_ms=1000 * fwd, step_vs_teacher_forward=median / fwd,
+                                timed_rounds=len(benchmark.stats.stats.data),
+                                peak_mem_mb=mem.mb, mem_kind=mem.kind, teacher_train_step_peak_mem_mb=train_mem.mb,
+                                mem_vs_teacher_train_step=mem.mb / train_mem.mb)

@@ -69,3 +69,15 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert student["fid"] == pytest.approx(before["fid"])  # same weights, same seeds -> same images
     assert (d / "eval" / "report.md").is_file() and (d / "eval" / "grid.png").is_file()
     assert "| student | 1 |" in r.stdout
+
+
+def test_classifier_is_the_same_on_every_run(tmp_path):
+    """Its weights (so the feature space, so the FID scale) depend only on the data and --seed, never on the run."""
+    data = torch.utils.data.TensorDataset(torch.rand(256, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (256,)))
+
+    class Args:
+        dataset, classifier_epochs, seed = "mnist", 1, 0
+    torch.rand(7)  # whatever the global generator's state before
+    a = evaluate.train_classifier(data, data, str(tmp_path / "a"), Args).state_dict()
+    b = evaluate.train_classifier(data, data, str(tmp_path / "b"), Args).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,12 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import TINY_N_FEAT, TINY_UNET, run
+from conftest import ROOT, TINY_N_FEAT, TINY_UNET, run
+
+import models
 
 from models import (CIFAR10_UNET, DATASETS, Denoiser, count_params, load_teacher, make_dmd_networks, make_teacher,
                     one_step, sample_teacher, save_teacher)
@@ -105,3 +111,29 @@ def test_teacher_folder_without_weights(tmp_path):
     (tmp_path / "teacher").mkdir()
     r = run("sample.py", "--run-dir", tmp_path, check=False)
     assert r.returncode == 2 and "has no diffusion_pytorch_model.safetensors" in r.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
+def test_freed_memory_stays_in_the_process():
+    """models.keep_freed_memory: a freed 256 MB tensor stays resident, so the next one needs no page faults
+    (glibc's default hands it back to the OS at once)."""
+    code = ("import models, torch\n"
+            "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) // 1024\n"
+            "x = torch.ones(64 * 2 ** 20)\nbefore = rss()\ndel x\nprint(before - rss())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 64  # MB released by the free
+
+
+def test_keep_freed_memory_leaves_users_malloc_settings_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    monkeypatch.setattr(models.ctypes, "CDLL", lambda name: calls.append(name))
+    models.keep_freed_memory()
+    assert calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    with pytest.raises(AttributeError):  # now it does reach for libc (the fake has no mallopt)
+        models.keep_freed_memory()
+    assert calls == ["libc.so.6"]
