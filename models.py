@@ -33,9 +33,9 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 
 def keep_freed_memory():
     """CPU speed. glibc's malloc hands every large freed tensor back to the OS and page-faults it in again at the next
-    allocation: on this project's 2-core CPU that was 15% of a teacher training step and 40% of a DMD step. Keep freed
-    memory in the process instead (what jemalloc and tcmalloc do). Linux/glibc only; MALLOC_MMAP_MAX_ or
-    MALLOC_TRIM_THRESHOLD_ in the environment mean the user chose, and are left alone."""
+    allocation: on this project's 2-core CPU that was 13-22% of a teacher training step and ~40% of a DMD step at
+    batch 64. Keep freed memory in the process instead (what jemalloc and tcmalloc do). Linux/glibc only;
+    MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_ in the environment mean the user chose, and are left alone."""
     if sys.platform != "linux" or {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
         return
     try:
