@@ -1,4 +1,4 @@
-# make demo : the whole pipeline on the embedded default (MNIST, CPU size, ~30 min on 2 cores)
+# make demo : the whole pipeline on the embedded default (MNIST, CPU size, ~22 min on 2 cores)
 # make test : the test suite (CPU, tiny models, ~10 min)
 # Each target sets up its own virtual environment first. Stages that finished are not redone;
 # an interrupted stage resumes from its last checkpoint when `make demo` is run again.
