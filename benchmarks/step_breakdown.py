@@ -14,8 +14,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
-from models import DATASETS, make_dmd_networks, make_teacher, number  # noqa: E402
-from test_speed_memory import DEV, device_name, distill_step, inputs, networks, sync  # noqa: E402
+from models import DATASETS, number  # noqa: E402
+from test_speed_memory import device_name, distill_step, dmd_setup, inputs, networks, sync, teacher_forward, timer  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--dataset", default="mnist", choices=list(DATASETS))
@@ -25,8 +25,7 @@ args = p.parse_args()
 
 den = networks(args.dataset)
 z, y = inputs(args.dataset, args.batch_size)
-net_g, mu_real, mu_fake = tuple(n.to(DEV) for n in make_dmd_networks(den.backbone, make_teacher(args.dataset)[1]))
-opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), 1e-6), torch.optim.AdamW(mu_fake.parameters(), 1e-6)
+net_g, mu_real, mu_fake, opt_g, opt_fake = dmd_setup(den)
 phases, forwards = {}, []
 clock = [0.0]
 
@@ -39,12 +38,7 @@ def tick(phase):
 
 
 for i in range(args.repeats + 1):
-    with torch.no_grad():
-        sync()
-        t0 = time.perf_counter()
-        mu_real(z, torch.full((len(z),), 100, device=DEV), y)
-        sync()
-        forwards.append(time.perf_counter() - t0)
+    timer(lambda: teacher_forward(mu_real, z, y), forwards)()
     clock[0] = time.perf_counter()
     distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z, torch.zeros_like(z), tick)
     if i == 0:  # the warm-up step: AdamW's states are made, allocator and kernels warm up

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from losses import denoising_loss, dm_loss, dm_timesteps, pseudo_huber
+from diffusers import DDPMScheduler
+
 from models import DATASETS, Denoiser, make_dmd_networks, make_teacher, one_step
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +116,19 @@ def inputs(dataset, B):
     return z, y
 
 
+@torch.no_grad()
+def teacher_forward(den, z, y):
+    """One teacher forward (the unit of the DMD step's cost), at a mid-range t."""
+    return den(z, torch.full((len(z),), 100, device=DEV), y)
+
+
+def dmd_setup(den):
+    """netG, µreal, µfake (µreal is den's backbone) and the two AdamW optimisers, as distill.py makes them."""
+    net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, DDPMScheduler.from_config(den.scheduler_config))
+    net_g, mu_real, mu_fake = net_g.to(DEV), mu_real.to(DEV), mu_fake.to(DEV)
+    return net_g, mu_real, mu_fake, torch.optim.AdamW(net_g.parameters(), 1e-6), torch.optim.AdamW(mu_fake.parameters(), 1e-6)
+
+
 def teacher_steps(den, z, y, n):
     """n denoiser evaluations at decreasing t: the cost of n sampler steps (without guidance: NFE = T)."""
     x = z
@@ -195,8 +210,7 @@ def test_distill_step(benchmark, dataset):
         timer(lambda: teacher_train_step(den, opt, z, y), train)()
     opt = None  # frees AdamW's state before the DMD networks are built
     den.eval()
-    net_g, mu_real, mu_fake = tuple(n.to(DEV) for n in make_dmd_networks(den.backbone, make_teacher(dataset)[1]))
-    opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), 1e-6), torch.optim.AdamW(mu_fake.parameters(), 1e-6)
+    net_g, mu_real, mu_fake, opt_g, opt_fake = dmd_setup(den)
     forward = []
     # A DMD step costs about five teacher training steps. Where that is minutes (CIFAR-10 on a small CPU), one step
     # after the warm-up is timed, to keep the suite under 10 minutes. (Not the warm-up itself: first-call costs,
@@ -205,7 +219,7 @@ def test_distill_step(benchmark, dataset):
     with PeakMemory(base) as mem:  # every step of the benchmark, the first one (AdamW's states made) included
         benchmark.pedantic(lambda: (distill_step(net_g, mu_real, mu_fake, opt_g, opt_fake, z, y, z, torch.zeros_like(z)),
                                     sync()),
-                           setup=timer(torch.no_grad()(lambda: mu_real(z, torch.full((B,), 100, device=DEV), y)), forward),
+                           setup=timer(lambda: teacher_forward(mu_real, z, y), forward),
                            rounds=1 if slow else 3, warmup_rounds=1, iterations=1)
     median, fwd = benchmark.stats.stats.median, statistics.median(forward)
     benchmark.extra_info.update(dataset=dataset, batch=B, device=device_name(), step_ms=1000 * median,
