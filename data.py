@@ -6,7 +6,6 @@
 - celeba: `--data-dir` with a folder of aligned face images, centre-cropped and resized to 64x64.
 """
 import gzip
-import json
 import os
 import sys
 
@@ -17,7 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, TensorDataset
 
-from models import check_dataset, die
+from cli import UserError
+from files import atomic, load_json
+from recipes import PRESETS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE = os.path.expanduser(os.environ.get("DMD_DATA_CACHE", "~/.cache/dmd-data"))
@@ -55,7 +56,7 @@ def mnist_arrays(data_dir, train):
     if data_dir:
         img, lab = find_file(data_dir, f"{prefix}-images-idx3-ubyte"), find_file(data_dir, f"{prefix}-labels-idx1-ubyte")
         if img is None or lab is None:
-            die(f"--data-dir '{data_dir}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
+            raise UserError(f"--data-dir '{data_dir}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
                 f"point it at a folder of MNIST IDX files")
         return read_idx(img), read_idx(lab), f"MNIST IDX files in {data_dir}"
     try:
@@ -104,9 +105,9 @@ class Uint8Dataset(Dataset):
 
 def load_dataset(name, data_dir=None, train=True, verbose=True):
     """A torch Dataset of (image (C, H, W) in [-1, 1], label) for the named dataset."""
-    spec = check_dataset(name)
+    spec = PRESETS[name]
     if data_dir and not os.path.isdir(data_dir):
-        die(f"--data-dir '{data_dir}' does not exist: pass a folder holding the {name} data")
+        raise UserError(f"--data-dir '{data_dir}' does not exist: pass a folder holding the {name} data")
     if name == "mnist":
         x, y, source = mnist_arrays(data_dir, train)
         ds = TensorDataset(to_unit(torch.from_numpy(x.copy())[:, None]), torch.from_numpy(y.astype(np.int64)))
@@ -116,26 +117,25 @@ def load_dataset(name, data_dir=None, train=True, verbose=True):
         try:
             raw = torchvision.datasets.CIFAR10(root, train=train, download=data_dir is None)
         except Exception as e:
-            die(f"CIFAR-10 could not be loaded or downloaded ({str(e)[:80]}): pass --data-dir with "
+            raise UserError(f"CIFAR-10 could not be loaded or downloaded ({str(e)[:80]}): pass --data-dir with "
                 f"cifar-10-batches-py or a folder of 32x32 images")
         ds, source = Uint8Dataset(raw.data, raw.targets), f"CIFAR-10 (torchvision, {root})"
     else:
         if data_dir is None:
-            die(f"{name} needs --data-dir: a folder of {'aligned face ' if name == 'celeba' else ''}images")
+            raise UserError(f"{name} needs --data-dir: a folder of {'aligned face ' if name == 'celeba' else ''}images")
         ds, source = ImageFolderFlat(data_dir, spec["shape"][-1]), f"image folder {data_dir}"
     if len(ds) == 0:
-        die(f"no images found for {name} in '{data_dir}': pass --data-dir with image files")
+        raise UserError(f"no images found for {name} in '{data_dir}': pass --data-dir with image files")
     if verbose:
         print(f"data: {source}, {len(ds):,} images", file=sys.stderr)
     return ds
 
 
 def save_grid(images, path, nrow=8):
-    """Images in [-1, 1] -> one PNG grid, written then renamed into place."""
+    """Images in [-1, 1] -> one PNG grid."""
     import torchvision
-    tmp = path[:-4] + ".tmp.png"
-    torchvision.utils.save_image(images.float().clamp(-1, 1).add(1).div(2), tmp, nrow=nrow, padding=1)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torchvision.utils.save_image(images.float().clamp(-1, 1).add(1).div(2), tmp, nrow=nrow, padding=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,11 +144,6 @@ def save_grid(images, path, nrow=8):
 # What makes two sets of pairs the same: distill.py refuses pairs whose settings differ from its own.
 PAIR_SETTINGS = ("dataset", "teacher_hash", "prediction_type", "sampler", "eta", "timestep_spacing",
                  "sampling_steps", "guidance", "seed")
-
-
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def shard_path(folder, k):
@@ -174,12 +169,12 @@ def load_pairs(folder):
     """All pairs in a folder as (meta, noise, image, label-or-None), checking every shard."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
-        die(f"no pairs in {folder} (meta.json missing): run `python precompute.py` first or pass --pairs FOLDER")
+        raise UserError(f"no pairs in {folder} (meta.json missing): run `python precompute.py` first or pass --pairs FOLDER")
     meta = load_json(meta_path)
     parts = []
     for k in range(meta["num_shards"]):
         if not shard_ok(folder, k, meta):
-            die(f"pairs shard {shard_path(folder, k)} is missing or truncated: rerun `python precompute.py` "
+            raise UserError(f"pairs shard {shard_path(folder, k)} is missing or truncated: rerun `python precompute.py` "
                 f"with the same arguments to remake it")
         parts.append(load_file(shard_path(folder, k)))
     cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

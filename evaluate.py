@@ -15,60 +15,15 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch_fidelity
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from data import load_dataset, load_json, save_grid, to_uint8
-from models import (DATASETS, Classifier, Denoiser, check_image_shape, default_teacher, die, finish_args, generate,
-                    load_teacher, number, script_parser, write_json)
-
-
-class Uint8Images(Dataset):
-    """Images in [-1, 1] -> uint8 (C, H, W) tensors, the input torch-fidelity takes; grey -> 3 channels if asked."""
-
-    def __init__(self, images, rgb=False):
-        self.u8 = to_uint8(images)
-        self.rgb = rgb
-
-    def __len__(self):
-        return len(self.u8)
-
-    def __getitem__(self, i):
-        x = self.u8[i]
-        return x.expand(3, -1, -1) if self.rgb and x.shape[0] == 1 else x
-
-
-class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
-    """The cached classifier's penultimate features, registered with torch-fidelity as a feature extractor."""
-
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-        super().__init__(name, features_list)
-        self.net = Classifier.from_pretrained(feature_extractor_weights_path).eval()
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("penultimate", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return "penultimate"
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return None
-
-    def forward(self, x):  # uint8 (B, C, H, W)
-        f, logits = self.net(x.float() / 127.5 - 1)
-        return tuple({"penultimate": f, "logits": logits}[k] for k in self.features_list)
-
-
-torch_fidelity.register_feature_extractor("dmd-classifier", ClassifierFeatures)
+from cli import UserError, keep_freed_memory, number, parse, run, script_parser
+from data import load_dataset, save_grid
+from files import CLASSIFIER, DMD, EVAL, PAIRS, STUDENT, STUDENT_EMA, atomic, load_json, write_json
+from metrics import Uint8Images, register_classifier_features, train_classifier
+from models import Denoiser, check_image_shape, default_teacher, load_teacher
+from recipes import PRESETS, default_guidance, grid_columns
+from sampling import generate
 
 
 def main():
@@ -88,16 +43,16 @@ def main():
     p.add_argument("--num-reference", type=number(int, 0), default=10000, help="at most this many real reference images")
     p.add_argument("--classifier-epochs", type=number(int, 0), default=8, help="epochs to train the feature classifier")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    args = finish_args(p.parse_args())
+    args = parse(p)
     if not (args.fid or args.prepare):
-        die("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
-    spec = DATASETS[args.dataset]
-    out = os.path.join(args.run_dir, "eval")
+        raise UserError("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
+    spec = PRESETS[args.dataset]
+    out = os.path.join(args.run_dir, EVAL)
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
-    pairs_meta = os.path.join(args.run_dir, "pairs", "meta.json")
+    pairs_meta = os.path.join(args.run_dir, PAIRS, "meta.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
     steps = args.sampling_steps or pairs.get("sampling_steps", 25)
-    s = args.guidance if args.guidance is not None else pairs.get("guidance", 2.0 if spec["num_classes"] else 1.0)
+    s = args.guidance if args.guidance is not None else pairs.get("guidance", default_guidance(spec["num_classes"]))
 
     # --- reference images and the feature extractor
     real_train = load_dataset(args.dataset, args.data_dir, train=True)
@@ -105,8 +60,9 @@ def main():
     n_ref = min(len(real_test), args.num_reference)
     reference = f"{args.dataset} {'test split' if real_test is not real_train else 'training images'} (first {n_ref})"
     ref_images = torch.stack([real_test[i][0] for i in range(n_ref)])
-    clf_dir = os.path.join(args.run_dir, "classifier")
-    clf = train_classifier(real_train, real_test, clf_dir, args) if spec["num_classes"] or args.feature_extractor != "inception" else None
+    clf_dir = os.path.join(args.run_dir, CLASSIFIER)
+    clf = (train_classifier(real_train, real_test, clf_dir, spec["num_classes"], args.seed, args.classifier_epochs, args.dataset)
+           if spec["num_classes"] or args.feature_extractor != "inception" else None)
     if args.prepare:
         return
     extractor = pick_extractor(args, clf_dir)
@@ -116,8 +72,8 @@ def main():
     if args.full_ddpm:
         models.append((f"teacher-ddpm-{spec['T']}", teacher, False, dict(ddpm=True)))
     models.append(("onestep-before", teacher, True, {}))
-    for name in ("student", "student_ema"):
-        folder = os.path.join(args.run_dir, "dmd", name)
+    for name in (STUDENT, STUDENT_EMA):
+        folder = os.path.join(args.run_dir, DMD, name)
         if os.path.isdir(folder):
             models.append((name.replace("_", "-"), folder, True, {}))
     rows, grid = [], []
@@ -137,7 +93,7 @@ def main():
                 row["class_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
             row["diversity"] = diversity(f, labels, *features(clf, ref_images)[:1], real_labels(real_test, n_ref))
         rows.append(row)
-        grid.append(images[:10 if spec["num_classes"] else 8])
+        grid.append(images[:grid_columns(spec["num_classes"])])
         print(f"{name}: FID {row['fid']:.2f}" + (f", accuracy {row['class_accuracy']:.1%}" if row["class_accuracy"] is not None else "")
               + f", {row['ms_per_image']:.2f} ms/image", file=sys.stderr)
 
@@ -147,56 +103,11 @@ def main():
     os.makedirs(out, exist_ok=True)
     write_json(report, os.path.join(out, "report.json"))
     md = markdown(report)
-    with open(os.path.join(out, "report.md.tmp"), "w") as f:
+    with atomic(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(md)
-    os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
     save_grid(torch.cat(grid), os.path.join(out, "grid.png"), nrow=len(grid[0]))
     print(md)
     print(f"eval: {out}/report.json, report.md, grid.png (rows: {', '.join(r['model'] for r in rows)})")
-
-
-def train_classifier(train, test, folder, args):
-    """Train (once, then cached) the small CNN on real data: classes if the dataset has them, else rotations."""
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return Classifier.from_pretrained(folder).eval()
-    labelled = DATASETS[args.dataset]["num_classes"] > 0
-    C = DATASETS[args.dataset]["shape"][0]
-    torch.manual_seed(args.seed)  # its initial weights: else each run gets another feature space, so another FID scale
-    net = Classifier(in_channels=C, num_outputs=DATASETS[args.dataset]["num_classes"] if labelled else 4)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    loader = DataLoader(train, batch_size=128, shuffle=True, generator=gen)
-    for epoch in tqdm(range(args.classifier_epochs), desc="classifier"):
-        net.train()
-        for x, y in loader:
-            x, y = task_batch(x, y, labelled, gen)
-            loss = F.cross_entropy(net(x)[1], y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
-    correct = n = 0
-    with torch.no_grad():
-        for x, y in DataLoader(test, batch_size=256):
-            x, y = task_batch(x, y, labelled, gen)
-            correct += (net(x)[1].argmax(1) == y).sum().item()
-            n += len(y)
-    net.register_to_config(test_accuracy=correct / n, task="classes" if labelled else "rotation", dataset=args.dataset)
-    net.save_pretrained(folder + ".tmp")
-    os.makedirs(folder, exist_ok=True)
-    for f in os.listdir(folder + ".tmp"):
-        os.replace(os.path.join(folder + ".tmp", f), os.path.join(folder, f))
-    os.rmdir(folder + ".tmp")
-    print(f"classifier: {'class' if labelled else 'rotation'} accuracy {correct / n:.1%} on {n} held-out images -> {folder}",
-          file=sys.stderr)
-    return net
-
-
-def task_batch(x, y, labelled, gen):
-    if labelled:
-        return x, y
-    k = torch.randint(0, 4, (len(x),), generator=gen)
-    return torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)]), k
 
 
 def pick_extractor(args, clf_dir):
@@ -210,10 +121,11 @@ def pick_extractor(args, clf_dir):
             return dict(kw, label="inception-v3-compat (pool3, 2048-d)", rgb=True)
         except Exception as e:
             if args.feature_extractor == "inception":
-                die(f"Inception weights could not be loaded ({str(e)[:80]}): pass --inception-weights FILE or "
+                raise UserError(f"Inception weights could not be loaded ({str(e)[:80]}): pass --inception-weights FILE or "
                     f"--feature-extractor classifier")
             print(f"notice: Inception weights unavailable ({type(e).__name__}); FID on the trained classifier's features "
                   f"(not comparable with Inception FID)", file=sys.stderr)
+    register_classifier_features()
     return dict(feature_extractor="dmd-classifier", feature_layer_fid="penultimate", feature_extractor_weights_path=clf_dir,
                 label=f"classifier penultimate features ({clf_dir})", rgb=False)
 
@@ -266,4 +178,5 @@ def markdown(report):
 
 
 if __name__ == "__main__":
-    main()
+    keep_freed_memory()  # CPU speed (cli.keep_freed_memory)
+    run(main)

@@ -1,4 +1,4 @@
-"""The three DMD losses, one pure function per equation (DESIGN.md, "The algorithm, exactly").
+"""The DMD losses, one pure function per equation (docs/ALGORITHM.md gives each equation and names its function).
 
 Shapes: B batch, C channels, H x W image. Images are in [-1, 1].
 """
@@ -71,12 +71,8 @@ def regression_loss(kind, c=0.03):
     return l2, "l2"
 
 
-def denoising_loss(out, target, x0_hat=None, x0=None, form="native"):
-    """µfake's loss on the generator's (detached) images: the teacher's own objective.
-
-    out, target: (B, C, H, W) raw backbone output and its target (ε for ε-prediction, v for v-prediction);
-    form "x0": ||µfake_x̂0(x_t, t) - x0||^2 as the seed writes it (same minimiser, another weighting over t).
-    """
-    if form == "x0":
-        return F.mse_loss(x0_hat.float(), x0.float())
-    return F.mse_loss(out.float(), target.float())
+def denoising_loss(pred, target):
+    """The denoising loss of µfake (and of the teacher's training): MSE between the backbone's prediction and its
+    target, both (B, C, H, W). The target is the teacher's own: ε for ε-prediction, v for v-prediction, x0 for
+    sample-prediction; the seed's x̂0 form passes µfake's x̂0 and G's image (same minimiser, another weighting over t)."""
+    return F.mse_loss(pred.float(), target.float())

@@ -1,94 +1,31 @@
-"""Teacher backbones, teacher loading, the Denoiser wrapper and the three DMD networks.
+"""The networks: teacher backbones, the feature classifier, loading and saving a teacher, and the Denoiser wrapper
+that turns a backbone into x̂0(x_t, t, y) with classifier-free guidance (docs/ALGORITHM.md, "x̂0").
 
-Every backbone is called the diffusers way, `model(x_t, t, class_labels=y).sample`, and saves and
-loads with `save_pretrained` / `from_pretrained`, so a teacher is one folder holding
-`config.json` + `diffusion_pytorch_model.safetensors` (the backbone) and `scheduler_config.json`
-(its DDPM noise schedule) - the same flat layout as the hub's google/ddpm-cifar10-32.
+Every backbone is called the diffusers way, `model(x_t, t, class_labels=y).sample`, and saves and loads with
+`save_pretrained` / `from_pretrained`, so a teacher is one folder holding `config.json` +
+`diffusion_pytorch_model.safetensors` (the backbone) and `scheduler_config.json` (its DDPM noise schedule) - the
+same flat layout as the hub's google/ddpm-cifar10-32.
 
 `python models.py` prints each dataset's teacher: architecture, parameter count, image shape, schedule.
 """
-import argparse
 import copy
-import ctypes
 import hashlib
-import json
 import os
-import pickle
-import shutil
 import socket
-import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from cli import UserError
+from files import TEACHER, save_folder
+from recipes import PRESETS
+
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def keep_freed_memory():
-    """CPU speed. glibc's malloc hands every large freed tensor back to the OS and page-faults it in again at the next
-    allocation: on this project's 2-core CPU that was 13-22% of a teacher training step and ~40% of a DMD step at
-    batch 64. Keep freed memory in the process instead (what jemalloc and tcmalloc do). Linux/glibc only;
-    MALLOC_MMAP_MAX_ or MALLOC_TRIM_THRESHOLD_ in the environment mean the user chose, and are left alone."""
-    if sys.platform != "linux" or {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (e.g. musl): nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    libc.mallopt(M_MMAP_MAX, 0)  # large blocks from the heap, not from mmap (which is unmapped on free)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and the heap's free top is kept, not trimmed
-
-
-keep_freed_memory()  # every script, test and benchmark imports this module before it makes tensors
-
-
-def die(msg):
-    """Bad input: one line naming the problem and the fix, exit code 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def number(kind, low, inclusive=False):
-    """An argparse type: a number of `kind` above `low` (at or above it when `inclusive`)."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a {kind.__name__}")
-        if value < low or (value == low and not inclusive) or value != value:
-            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
-        return value
-    return parse
-
-
-def script_parser(description):
-    """Every script's parser: --dataset and --run-dir, one-line errors with exit code 2."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda msg: die(f"{msg} (see --help)")
-    p.add_argument("--dataset", default="mnist", choices=list(DATASETS), help="which dataset and teacher")
-    p.add_argument("--run-dir", default=None, help="run folder; default runs/<dataset>")
-    p.add_argument("--seed", type=number(int, 0, inclusive=True), default=0, help="base seed (sample i uses seed+i)")
-    return p
-
-
-def finish_args(args):
-    args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
-    return args
-
-
-def write_json(obj, path):
-    """Write-then-rename, so a reader never sees half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,23 +141,11 @@ CIFAR10_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_bl
 CELEBA_UNET = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_block=1,
                    block_out_channels=(16, 32, 48), norm_num_groups=8,  # 425,859 parameters
                    down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
-# image shape (C, H, W), number of classes (0 = unconditional), schedule, default teacher.
-DATASETS = {
-    "mnist": dict(shape=(1, 28, 28), num_classes=10, T=400, beta_end=0.02, teacher=None),
-    "celeba": dict(shape=(3, 64, 64), num_classes=0, T=1000, beta_end=0.02, teacher=None),
-    "cifar10": dict(shape=(3, 32, 32), num_classes=0, T=1000, beta_end=0.02, teacher="google/ddpm-cifar10-32"),
-}
-
-
-def check_dataset(name):
-    if name not in DATASETS:
-        die(f"unknown dataset '{name}': use one of {', '.join(DATASETS)}")
-    return DATASETS[name]
 
 
 def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None):
     """A fresh (untrained) backbone and its DDPM scheduler. `unet` overrides the UNet2DModel config."""
-    spec = check_dataset(dataset)
+    spec = PRESETS[dataset]
     if dataset == "mnist":
         backbone = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=10, sample_size=28, num_train_timesteps=spec["T"])
     else:
@@ -234,65 +159,45 @@ BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel}
 
 
 def save_teacher(backbone, scheduler, folder):
-    """Diffusers layout: saved to a temporary folder, then each file renamed into place (never half-written)."""
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    backbone.save_pretrained(tmp, safe_serialization=True)
-    scheduler.save_pretrained(tmp)
-    os.makedirs(folder, exist_ok=True)
-    for f in os.listdir(tmp):
-        os.replace(os.path.join(tmp, f), os.path.join(folder, f))
-    os.rmdir(tmp)
-
-
-def save_state(state, path):
-    """A training state (tensors, numbers, lists, dicts only) for --resume; write-then-rename."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_state(path):
-    """Load a training state safely: tensors and plain containers only, never arbitrary pickled objects."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        die(f"{path} holds pickled objects, which are refused for safety: use a state file written by this project")
-    except (RuntimeError, EOFError) as e:
-        die(f"{path} is unreadable ({str(e).splitlines()[0][:100]}): delete it and rerun without --resume")
+    """Diffusers layout (backbone + scheduler in one folder), every file renamed into place whole."""
+    save_folder(folder, backbone, scheduler)
 
 
 def load_teacher(source):
     """(backbone, scheduler) from a local folder or a hub id, in eval mode on the CPU."""
     if os.path.isdir(source):
         if not any(os.path.isfile(os.path.join(source, f)) for f in WEIGHT_FILES):
-            die(f"teacher folder '{source}' has no {WEIGHT_FILES[0]}: train one with "
-                f"`python train_teacher.py` or pass --teacher FOLDER holding a saved teacher")
+            raise UserError(f"teacher folder '{source}' has no {WEIGHT_FILES[0]}: train one with "
+                            f"`python train_teacher.py` or pass --teacher FOLDER holding a saved teacher")
     elif os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
-        die(f"teacher '{source}' is neither a folder nor a hub id: train one with `python train_teacher.py` "
-            f"or pass --teacher FOLDER")
+        raise UserError(f"teacher '{source}' is neither a folder nor a hub id: train one with `python train_teacher.py` "
+                        f"or pass --teacher FOLDER")
     elif not hub_reachable() and not hub_cached(source):
-        die(f"hub id '{source}' cannot be fetched without network: download it where there is a network "
-            f"(`hf download {source} --local-dir DIR`) and pass --teacher DIR")
+        raise UserError(f"hub id '{source}' cannot be fetched without network: download it where there is a network "
+                        f"(`hf download {source} --local-dir DIR`) and pass --teacher DIR")
     try:
         config = BACKBONES["UNet2DModel"].load_config(source)
         cls = BACKBONES.get(config.get("_class_name"))
         if cls is None:
-            die(f"teacher '{source}' is a {config.get('_class_name')}; supported backbones: {', '.join(BACKBONES)}")
+            raise UserError(f"teacher '{source}' is a {config.get('_class_name')}; supported backbones: "
+                            f"{', '.join(BACKBONES)}")
         backbone = cls.from_pretrained(source)
         scheduler = DDPMScheduler.from_pretrained(source)
+    except UserError:
+        raise
     except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
         if os.path.isdir(source):
-            die(f"teacher folder '{source}' could not be loaded ({str(e).splitlines()[0][:150]}): "
-                f"re-save it with `python train_teacher.py` or point --teacher at a complete folder")
-        die(f"could not fetch hub id '{source}' ({str(e).splitlines()[0][:100]}): download it where there is a "
-            f"network (`hf download {source} --local-dir DIR`) and pass --teacher DIR")
+            raise UserError(f"teacher folder '{source}' could not be loaded ({str(e).splitlines()[0][:150]}): "
+                            f"re-save it with `python train_teacher.py` or point --teacher at a complete folder")
+        raise UserError(f"could not fetch hub id '{source}' ({str(e).splitlines()[0][:100]}): download it where there "
+                        f"is a network (`hf download {source} --local-dir DIR`) and pass --teacher DIR")
     return backbone.eval(), scheduler
 
 
 def default_teacher(dataset, run_dir):
     """<run-dir>/teacher when it exists (or the dataset has no pretrained teacher), else the hub id."""
-    local = os.path.join(run_dir, "teacher")
-    return local if os.path.isdir(local) or DATASETS[dataset]["teacher"] is None else DATASETS[dataset]["teacher"]
+    local = os.path.join(run_dir, TEACHER)
+    return local if os.path.isdir(local) or PRESETS[dataset]["teacher"] is None else PRESETS[dataset]["teacher"]
 
 
 def hub_reachable(timeout=3.0):
@@ -318,10 +223,10 @@ def check_image_shape(backbone, dataset, source):
     """A teacher must make images of the dataset's shape."""
     c = backbone.config
     size = c.sample_size if isinstance(c.sample_size, (tuple, list)) else (c.sample_size,) * 2
-    got, want = (c.in_channels, *size), DATASETS[dataset]["shape"]
+    got, want = (c.in_channels, *size), PRESETS[dataset]["shape"]
     if tuple(got) != tuple(want):
-        die(f"teacher '{source}' makes {'x'.join(map(str, got))} images but {dataset} is {'x'.join(map(str, want))}: "
-            f"pass the --dataset it was trained on, or a teacher for {dataset}")
+        raise UserError(f"teacher '{source}' makes {'x'.join(map(str, got))} images but {dataset} is "
+                        f"{'x'.join(map(str, want))}: pass the --dataset it was trained on, or a teacher for {dataset}")
 
 
 def weights_hash(source):
@@ -396,71 +301,6 @@ class Denoiser(nn.Module):
         return x0
 
 
-@torch.no_grad()
-def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=None, progress=False):
-    """Multi-step sampling from x_T = z with diffusers' schedulers on the teacher's own schedule.
-    DDIM (eta = 0, deterministic; "trailing" spacing so the first step is t = T-1, where x_T = z lives;
-    x̂0 clipped to [-1, 1] as the scheduler config says, and ε̂ recomputed from the clipped x̂0)
-    or full ancestral DDPM (`ddpm=True`, every one of the T steps; randomness from `generator`)."""
-    if ddpm:
-        sched = DDPMScheduler.from_config(denoiser.scheduler_config)
-        sched.set_timesteps(denoiser.T)
-    else:
-        sched = DDIMScheduler.from_config(denoiser.scheduler_config, timestep_spacing="trailing")
-        sched.set_timesteps(steps)
-    x = z
-    for t in (tqdm(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps):
-        out = denoiser.guided(x, t.to(z.device), y, s)
-        # use_clipped_model_output: with clip_sample, take ε̂ from the clipped x̂0, else guided steps diverge
-        x = (sched.step(out, t, x, generator=generator) if ddpm else
-             sched.step(out, t, x, eta=0.0, use_clipped_model_output=True)).prev_sample
-    return x
-
-
-def seeded_noise(indices, shape, seed):
-    """z_i ~ N(0, I) from its own generator seeded seed + i: sample i never depends on batch or process."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in indices])
-
-
-def balanced_labels(indices, num_classes):
-    """Label i % num_classes (balanced classes); None for unconditional teachers."""
-    return torch.as_tensor(indices, dtype=torch.long) % num_classes if num_classes else None
-
-
-def one_step(denoiser, z, y=None):
-    """The generator G(z, y): x̂0 of the network at t_gen = T-1 with x_t = z ~ N(0, I). One evaluation."""
-    return denoiser.x0(z, denoiser.T - 1, y)
-
-
-@torch.no_grad()
-def generate(den, one_step_model, indices, seed, batch_size, steps=25, s=1.0, ddpm=False, device="cpu"):
-    """Images in [-1, 1] (CPU), labels (or None) and seconds per batch for sample indices: noise seed+i, label
-    i % num_classes. One-step models (student, teacher before distillation) take one evaluation, else DDIM/DDPM."""
-    images, labels, seconds = [], [], []
-    indices = list(indices)
-    shape = (den.backbone.config.in_channels, *(den.backbone.config.sample_size,) * 2)
-    for i in tqdm(range(0, len(indices), batch_size), desc="one-step" if one_step_model else "multi-step", leave=False):
-        idx = indices[i:i + batch_size]
-        z, y = seeded_noise(idx, shape, seed).to(device), balanced_labels(idx, den.num_classes)
-        y_dev = y.to(device) if y is not None else None
-        sync(device)
-        t0 = time.perf_counter()
-        if one_step_model:
-            x = one_step(den, z, y_dev)
-        else:
-            x = sample_teacher(den, z, y_dev, steps, s, ddpm, torch.Generator(device).manual_seed(seed + idx[0]))
-        sync(device)
-        seconds.append(time.perf_counter() - t0)
-        images.append(x.float().cpu())
-        labels.append(y)
-    return torch.cat(images), (torch.cat(labels) if den.num_classes else None), seconds
-
-
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def make_dmd_networks(backbone, scheduler):
     """netG, µreal, µfake: three copies of µbase. µreal is frozen; all three run in eval mode
     (dropout off, BatchNorm on running statistics) so an image never depends on its batch."""
@@ -475,7 +315,7 @@ def count_params(model):
 
 
 if __name__ == "__main__":
-    for name, spec in DATASETS.items():
+    for name, spec in PRESETS.items():
         backbone, scheduler = make_teacher(name)
         c = scheduler.config
         print(f"{name:8s} {type(backbone).__name__:12s} {count_params(backbone):>11,d} params  "

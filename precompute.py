@@ -18,11 +18,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import PAIR_SETTINGS, load_json, save_grid, shard_ok, shard_path, shard_size
-from models import (DATASETS, Denoiser, balanced_labels, check_image_shape, default_teacher, die, finish_args, load_teacher, number,
-                    sample_teacher, script_parser, seeded_noise, weights_hash, write_json)
-
-DEFAULT_PAIRS = {"mnist": 12800, "celeba": 12800, "cifar10": 4864}  # the seed's table
+from cli import UserError, keep_freed_memory, number, parse, run, script_parser
+from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
+from files import PAIRS, atomic, load_json, write_json
+from models import Denoiser, check_image_shape, default_teacher, load_teacher, weights_hash
+from recipes import PRESETS, default_guidance, grid_columns
+from sampling import balanced_labels, sample_teacher, seeded_noise
 
 
 def main():
@@ -31,20 +32,19 @@ def main():
     p.add_argument("--num-pairs", type=number(int, 0), default=None, help="pairs to make (seed: 12,800 MNIST/CelebA, 4,864 CIFAR-10)")
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps (eta 0)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None,
-                   help="classifier-free guidance scale s (1 = none); default 2 for class-conditional teachers")
+                   help="classifier-free guidance scale s (1 = none); default recipes.default_guidance")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
     p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
     p.add_argument("--overwrite", action="store_true", help="delete pairs made with other settings in <run-dir>/pairs")
-    args = finish_args(p.parse_args())
-    spec = DATASETS[args.dataset]
-    args.num_pairs = args.num_pairs or DEFAULT_PAIRS[args.dataset]
+    args = parse(p)
+    spec = PRESETS[args.dataset]
+    args.num_pairs = args.num_pairs or spec["num_pairs"]
     source = args.teacher or default_teacher(args.dataset, args.run_dir)
-    if args.guidance is None:
-        args.guidance = 2.0 if spec["num_classes"] else 1.0
+    args.guidance = default_guidance(spec["num_classes"]) if args.guidance is None else args.guidance
     if args.guidance != 1.0 and not spec["num_classes"]:
-        die(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
-    out = os.path.join(args.run_dir, "pairs")
+        raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
+    out = os.path.join(args.run_dir, PAIRS)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
     backbone, scheduler = load_teacher(source)
@@ -61,7 +61,7 @@ def main():
         old = load_json(meta_path)
         diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size") if old.get(k) != meta[k]]
         if diff and not args.overwrite:
-            die(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta[k]}' for k in diff)}): "
+            raise UserError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta[k]}' for k in diff)}): "
                 f"pass --overwrite to replace them or use another --run-dir")
         if diff:
             accelerator.wait_for_everyone()
@@ -98,18 +98,18 @@ def main():
         shard = {"noise": torch.cat(zs).contiguous(), "image": torch.cat(xs).contiguous()}
         if spec["num_classes"]:
             shard["label"] = balanced_labels(idx, spec["num_classes"])
-        path = shard_path(out, k)
-        save_file(shard, path + ".tmp", metadata={"first_index": str(idx[0])})
-        os.replace(path + ".tmp", path)
+        with atomic(shard_path(out, k)) as tmp:
+            save_file(shard, tmp, metadata={"first_index": str(idx[0])})
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and todo:
         first = load_file(shard_path(out, 0))["image"][:80]
-        save_grid(first, os.path.join(out, "preview.png"), nrow=10 if spec["num_classes"] else 8)
+        save_grid(first, os.path.join(out, "preview.png"), nrow=grid_columns(spec["num_classes"]))
         dt = time.time() - t0
         print(f"pairs: {n_todo} written in {dt:.1f} s ({n_todo / dt:.1f} pairs/s, "
               f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}) -> {out}")
 
 
 if __name__ == "__main__":
-    main()
+    keep_freed_memory()  # CPU speed (cli.keep_freed_memory)
+    run(main)

@@ -12,9 +12,12 @@ import os
 import numpy as np
 import torch
 
+from cli import UserError, number, parse, run, script_parser
 from data import save_grid, to_uint8
-from models import (Denoiser, check_image_shape, default_teacher, die, finish_args, generate, load_teacher,
-                    number, script_parser)
+from files import DMD, STUDENT, STUDENT_EMA, atomic
+from models import Denoiser, check_image_shape, default_teacher, load_teacher
+from recipes import default_guidance, grid_columns
+from sampling import generate
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema")
 
@@ -28,36 +31,36 @@ def main():
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="images per forward pass")
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps for --model teacher")
     p.add_argument("--full-ddpm", action="store_true", help="ancestral DDPM over all T steps instead of DDIM (slow)")
-    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=2.0, help="guidance scale for the multi-step teacher (class-conditional only)")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="guidance scale for the multi-step teacher (class-conditional only); default recipes.default_guidance")
     p.add_argument("--out", default=None, help="folder for samples.npz and the grid PNG; default: the grid only, in <run-dir>/samples/")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    args = finish_args(p.parse_args())
+    args = parse(p)
     source = model_source(args)
     backbone, scheduler = load_teacher(source)
     check_image_shape(backbone, args.dataset, source)
     den = Denoiser(backbone, scheduler).to(args.device).eval()
+    args.guidance = default_guidance(den.num_classes) if args.guidance is None else args.guidance
     images, labels, _ = generate(den, args.model != "teacher", range(args.num_samples), args.seed, args.batch_size,
                                  args.sampling_steps, args.guidance, args.full_ddpm, args.device)
     out = args.out or os.path.join(args.run_dir, "samples")
     os.makedirs(out, exist_ok=True)
     name = f"{args.model}" + (f"-ddpm{den.T}" if args.full_ddpm else f"-ddim{args.sampling_steps}" if args.model == "teacher" else "")
-    save_grid(images[:80], os.path.join(out, f"{name}.png"), nrow=8 if den.num_classes == 0 else 10)
+    save_grid(images[:80], os.path.join(out, f"{name}.png"), nrow=grid_columns(den.num_classes))
     if args.out:
         u8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
-        np.savez(os.path.join(out, "samples.tmp.npz"), images=u8,
-                 labels=labels.numpy() if labels is not None else np.zeros(0, np.int64))
-        os.replace(os.path.join(out, "samples.tmp.npz"), os.path.join(out, "samples.npz"))
+        with atomic(os.path.join(out, "samples.npz")) as tmp:
+            np.savez(tmp, images=u8, labels=labels.numpy() if labels is not None else np.zeros(0, np.int64))
     print(f"{name}: {len(images)} images -> {out}/{name}.png" + (f" and {out}/samples.npz" if args.out else ""))
 
 
 def model_source(args):
     if args.model in ("teacher", "onestep-teacher"):
         return args.teacher or default_teacher(args.dataset, args.run_dir)
-    folder = args.student or os.path.join(args.run_dir, "dmd", "student_ema" if args.model == "student-ema" else "student")
+    folder = args.student or os.path.join(args.run_dir, DMD, STUDENT_EMA if args.model == "student-ema" else STUDENT)
     if not os.path.isdir(folder):
-        die(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema) or pass --student")
+        raise UserError(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema) or pass --student")
     return folder
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,15 +12,18 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_dataset, save_grid
-from models import (DATASETS, Denoiser, die, finish_args, load_state, make_teacher, number, sample_teacher,
-                    save_state, save_teacher, script_parser, write_json)
+from files import STATE, TEACHER, check_run_folder, load_state, save_state, write_json
+from losses import denoising_loss
+from models import Denoiser, make_teacher, save_teacher
+from recipes import PRESETS, default_guidance
+from sampling import sample_teacher
 
 
 def main():
@@ -46,24 +49,21 @@ def main():
     p.add_argument("--num-workers", type=number(int, 0, inclusive=True), default=0, help="data loader workers")
     p.add_argument("--log-every", type=number(int, 0), default=50, help="status line every N steps")
     p.add_argument("--ckpt-every", type=number(int, 0), default=500, help="save weights + training state every N steps")
-    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=2.0, help="guidance scale of the sample grid (conditional teachers)")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="guidance scale of the sample grid (conditional teachers); default recipes.default_guidance")
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps of the sample grid")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/teacher/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished teacher in <run-dir>/teacher/")
-    args = finish_args(p.parse_args())
-    out = os.path.join(args.run_dir, "teacher")
-    state_path = os.path.join(out, "train_state.pt")
-    if os.path.exists(os.path.join(out, "train_config.json")) and not (args.overwrite or args.resume):
-        die(f"{out} already holds a teacher: pass --overwrite to replace it, --resume to continue it, or another --run-dir")
-    if os.path.exists(state_path) and not (args.overwrite or args.resume):
-        die(f"{out} holds an unfinished teacher run: pass --resume to continue it or --overwrite to start again")
-    if args.resume and not os.path.exists(state_path):
-        die(f"--resume: no {state_path} to resume from; drop --resume to start a new run")
+    args = parse(p)
+    spec = PRESETS[args.dataset]
+    args.guidance = default_guidance(spec["num_classes"]) if args.guidance is None else args.guidance
+    out = os.path.join(args.run_dir, TEACHER)
+    state_path = os.path.join(out, STATE)
+    check_run_folder(out, args.resume, args.overwrite, "a teacher", finished="train_config.json")
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())  # cpu: real DDP under torchrun
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.batch_size % world:
-        die(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
     dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process)
     torch.manual_seed(args.seed)  # the initial weights
     backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config)
@@ -73,7 +73,7 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
-        die(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): use a smaller batch")
+        raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(dataset)} images): use a smaller batch")
     total = args.max_steps or args.epochs * steps_per_epoch
     lr_sched = get_scheduler(args.lr_schedule, opt, num_warmup_steps=args.warmup_steps, num_training_steps=total)
     gen = torch.Generator().manual_seed(args.seed)  # noise, t, label dropout: one global stream, sliced per process
@@ -90,7 +90,7 @@ def main():
     model, opt = accelerator.prepare(model, opt)
     den = accelerator.unwrap_model(model)
     config = dict(vars(args), num_processes=world, params=sum(p.numel() for p in backbone.parameters()),
-                  total_steps=total, shape=DATASETS[args.dataset]["shape"])
+                  total_steps=total, shape=spec["shape"])
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         print("config:", config)
@@ -117,9 +117,9 @@ def main():
             drop = (torch.rand(Bg, generator=gen) < args.label_dropout)[mine].to(x0.device)
             y = torch.where(drop, torch.full_like(y, den.num_classes), y)  # the null label
             with accelerator.autocast():
-                loss = F.mse_loss(model(den.add_noise(x0, eps, t), t, y).float(), den.target(x0, eps, t).float())
+                loss = denoising_loss(model(den.add_noise(x0, eps, t), t, y), den.target(x0, eps, t))
             if not torch.isfinite(loss):
-                die(f"loss is {loss.item()} at step {step}: lower --lr; the last good checkpoint is in {out}")
+                raise UserError(f"loss is {loss.item()} at step {step}: lower --lr; the last good checkpoint is in {out}")
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
@@ -149,7 +149,7 @@ def main():
         n_classes = den.num_classes
         rows = n_classes or 8
         g = torch.Generator().manual_seed(args.seed)
-        z = torch.randn((rows * 8, *DATASETS[args.dataset]["shape"]), generator=g).to(accelerator.device)
+        z = torch.randn((rows * 8, *spec["shape"]), generator=g).to(accelerator.device)
         y = torch.arange(rows, device=z.device).repeat_interleave(8) if n_classes else None
         x = sample_teacher(den, z, y, args.sampling_steps, args.guidance if n_classes else 1.0, progress=True)
         save_grid(x, os.path.join(out, "samples.png"), nrow=8)
@@ -181,4 +181,5 @@ def refresh_batchnorm(den, dataset, args, batches=20):
 
 
 if __name__ == "__main__":
-    main()
+    keep_freed_memory()  # CPU speed (cli.keep_freed_memory)
+    run(main)

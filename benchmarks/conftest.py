@@ -4,6 +4,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def pytest_configure(config):
+    from cli import keep_freed_memory
+    keep_freed_memory()  # as the scripts do: CPU speed (cli.keep_freed_memory)
+
+
 def pytest_collection_modifyitems(config, items):
     """Benchmarks run only with --benchmark-only (so `pytest` alone never pays for them)."""
     if not config.getoption("--benchmark-only", default=False):

@@ -9,6 +9,7 @@ from conftest import read_json, run
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 import evaluate
+import metrics
 from models import Classifier
 
 
@@ -21,6 +22,7 @@ def classifier_dir(tmp_path_factory):
 
 
 def test_classifier_extractor_is_registered_and_shaped(classifier_dir):
+    metrics.register_classifier_features()
     assert "dmd-classifier" in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
     fe = torch_fidelity.utils.create_feature_extractor("dmd-classifier", ["penultimate", "logits"], cuda=False,
                                                        verbose=False, feature_extractor_weights_path=classifier_dir)
@@ -35,6 +37,7 @@ def test_fid_of_a_set_against_itself_is_zero(classifier_dir):
 
     class Args:
         device = "cpu"
+    metrics.register_classifier_features()
     same, other = evaluate.fid(images, images, extractor, Args), evaluate.fid(images, -images.abs(), extractor, Args)
     assert other > 0 and abs(same) < 1e-3 * other
 
@@ -75,9 +78,7 @@ def test_classifier_is_the_same_on_every_run(tmp_path):
     """Its weights (so the feature space, so the FID scale) depend only on the data and --seed, never on the run."""
     data = torch.utils.data.TensorDataset(torch.rand(256, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (256,)))
 
-    class Args:
-        dataset, classifier_epochs, seed = "mnist", 1, 0
     torch.rand(7)  # whatever the global generator's state before
-    a = evaluate.train_classifier(data, data, str(tmp_path / "a"), Args).state_dict()
-    b = evaluate.train_classifier(data, data, str(tmp_path / "b"), Args).state_dict()
+    a = metrics.train_classifier(data, data, str(tmp_path / "a"), num_classes=10, seed=0, epochs=1).state_dict()
+    b = metrics.train_classifier(data, data, str(tmp_path / "b"), num_classes=10, seed=0, epochs=1).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import ROOT, TINY_N_FEAT, TINY_UNET, run
 
-import models
-
-from models import (CIFAR10_UNET, DATASETS, Denoiser, count_params, load_teacher, make_dmd_networks, make_teacher,
-                    one_step, sample_teacher, save_teacher)
+import cli
+from models import CIFAR10_UNET, Denoiser, count_params, load_teacher, make_dmd_networks, make_teacher, save_teacher
+from recipes import PRESETS
+from sampling import one_step, sample_teacher
 
 
 @pytest.mark.parametrize("dataset, expected, tolerance", [("mnist", 6_585_601, 0), ("cifar10", 35_746_307, 0),
@@ -33,7 +33,7 @@ def test_save_from_pretrained_round_trip(tmp_path, dataset):
     save_teacher(backbone, scheduler, str(tmp_path / "t"))
     loaded, loaded_sched = load_teacher(str(tmp_path / "t"))
     assert type(loaded) is type(backbone) and loaded_sched.config.prediction_type == "v_prediction"
-    x, t = torch.randn(3, *DATASETS[dataset]["shape"]), torch.tensor([0, 100, 399])
+    x, t = torch.randn(3, *PRESETS[dataset]["shape"]), torch.tensor([0, 100, 399])
     y = torch.tensor([0, 5, 10]) if dataset == "mnist" else None
     with torch.no_grad():
         assert torch.equal(backbone(x, t, class_labels=y).sample, loaded(x, t, class_labels=y).sample)
@@ -113,16 +113,28 @@ def test_teacher_folder_without_weights(tmp_path):
     assert r.returncode == 2 and "has no diffusion_pytorch_model.safetensors" in r.stderr
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
-def test_freed_memory_stays_in_the_process():
-    """models.keep_freed_memory: a freed 256 MB tensor stays resident, so the next one needs no page faults
-    (glibc's default hands it back to the OS at once)."""
-    code = ("import models, torch\n"
+FREED_MB = ("import sys, torch\n"
+            "{setup}\n"
             "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) // 1024\n"
             "x = torch.ones(64 * 2 ** 20)\nbefore = rss()\ndel x\nprint(before - rss())")
+
+
+def freed_mb(setup):
+    """MB that a fresh Python process hands back to the OS when it frees a 256 MB tensor, after running `setup`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert int(out.stdout.split()[-1]) < 64  # MB released by the free
+    out = subprocess.run([sys.executable, "-c", FREED_MB.format(setup=setup)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc tuning is Linux-only")
+def test_keep_freed_memory_keeps_it_and_importing_changes_nothing():
+    """cli.keep_freed_memory: a freed 256 MB tensor stays resident, so the next one needs no page faults. Importing
+    every module of the project must not do that (no process-wide side effect on import): glibc's default behaviour,
+    handing it back at once, must survive the imports."""
+    modules = "cli, data, dmd, files, losses, metrics, models, recipes, sampling"
+    assert freed_mb(f"import {modules}") > 200  # glibc's default: given back
+    assert freed_mb("import cli; cli.keep_freed_memory()") < 64  # kept
 
 
 def test_keep_freed_memory_leaves_users_malloc_settings_alone(monkeypatch):
@@ -130,10 +142,10 @@ def test_keep_freed_memory_leaves_users_malloc_settings_alone(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
-    monkeypatch.setattr(models.ctypes, "CDLL", lambda name: calls.append(name))
-    models.keep_freed_memory()
+    monkeypatch.setattr(cli.ctypes, "CDLL", lambda name: calls.append(name))
+    cli.keep_freed_memory()
     assert calls == []
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     with pytest.raises(AttributeError):  # now it does reach for libc (the fake has no mallopt)
-        models.keep_freed_memory()
+        cli.keep_freed_memory()
     assert calls == ["libc.so.6"]

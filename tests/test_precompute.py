@@ -3,7 +3,8 @@ from conftest import read_json, run, tiny_teacher
 from safetensors.torch import load_file
 
 from data import load_pairs
-from models import Denoiser, load_teacher, sample_teacher
+from models import Denoiser, load_teacher
+from sampling import sample_teacher
 
 
 def make_pairs(run_dir, *extra, check=True):

@@ -1,0 +1,38 @@
+"""Every per-dataset default in one table, each value with its source.
+
+Sources: [seed] the source report's table (docs/ALGORITHM.md, "Sources"); [teacher] the teacher's own code or model
+card; [DMD2] Yin et al. 2024 and its code (tianweiy/DMD2); [here] measured on this project's machine
+(docs/RESULTS.md). A script's flag, where given, always wins over the table.
+"""
+
+PRESETS = {
+    "mnist": dict(
+        shape=(1, 28, 28), num_classes=10,  # [seed] class-conditional MNIST
+        T=400, beta_end=0.02,  # [teacher] TeaPearce/Conditional_Diffusion_MNIST: 400 steps, linear β 1e-4 → 0.02
+        teacher=None,  # no pretrained teacher to download: train_teacher.py makes one
+        num_pairs=12800, lr=5e-6, steps=2000,  # [seed] pairs, lr of netG and µfake, steps at batch 64
+    ),
+    "celeba": dict(
+        shape=(3, 64, 64), num_classes=0,  # [seed] unconditional faces; 64x64 is our choice
+        T=1000, beta_end=0.02,  # [seed] 1000 steps, linear β 1e-4 → 2e-2
+        teacher=None,  # [seed] "our model": trained by train_teacher.py
+        num_pairs=12800, lr=5e-6, steps=2000,  # [seed]
+    ),
+    "cifar10": dict(
+        shape=(3, 32, 32), num_classes=0,  # [teacher] google/ddpm-cifar10-32 is unconditional
+        T=1000, beta_end=0.02,  # [teacher] its scheduler_config.json
+        teacher="google/ddpm-cifar10-32",  # [seed] the hub teacher
+        num_pairs=4864, lr=1e-6, steps=1520,  # [seed]
+    ),
+}
+
+
+def default_guidance(num_classes):
+    """Classifier-free guidance scale s when none is given: 2 for class-conditional teachers ([here]: the best
+    FID of s = 2, 3, 4 for the DDIM-25 MNIST teacher, docs/RESULTS.md), 1 (none) for unconditional ones."""
+    return 2.0 if num_classes else 1.0
+
+
+def grid_columns(num_classes):
+    """Sample grids: one column per class where there are few classes (one row = 0..9 on MNIST), else 8."""
+    return num_classes if 0 < num_classes <= 16 else 8
