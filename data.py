@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from cli import UserError
 from files import atomic, load_json
@@ -129,6 +129,19 @@ def load_dataset(name, data_dir=None, train=True, verbose=True):
     if verbose:
         print(f"data: {source}, {len(ds):,} images", file=sys.stderr)
     return ds
+
+
+def load_splits(name, data_dir=None, verbose=True):
+    """(train, reference, what the reference is): real images for training uses (the FID classifier, the `real` row,
+    the GAN head) and the images FID is measured against, never overlapping. The reference is the dataset's test
+    split where it has one (MNIST, torchvision's CIFAR-10); an image folder has none, so a fixed half of it (at most
+    10,000 images) is held out as the reference."""
+    train = load_dataset(name, data_dir, train=True, verbose=verbose)
+    if not isinstance(train, ImageFolderFlat):
+        return train, load_dataset(name, data_dir, train=False, verbose=False), "test split"
+    n_ref = min(len(train) // 2, 10000)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    return Subset(train, perm[n_ref:]), Subset(train, perm[:n_ref]), f"{n_ref} images of the folder held out"
 
 
 def save_grid(images, path, nrow=8):

@@ -18,16 +18,14 @@ from tqdm import tqdm
 
 import dmd
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
-from data import load_dataset, load_pairs, save_grid
-from files import (CLASSIFIER, DMD, PAIRS, STATE, STUDENT, STUDENT_EMA, append_jsonl, atomic, check_run_folder,
-                   load_state, save_state, truncate_jsonl, write_json)
+from data import load_pairs, load_splits, save_grid
+from files import (CLASSIFIER, DMD, PAIRS, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
+                   check_run_folder, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import make_probe
 from models import check_image_shape, default_teacher, load_teacher, make_dmd_networks, save_teacher, weights_hash
 from recipes import PRESETS, default_guidance, grid_columns
-from sampling import balanced_labels, one_step, seeded_noise
-
-GRID_SEED, PROBE_SEED = 10 ** 6, 2 * 10 ** 6  # noise seeds of the sample grids and of the probe
+from sampling import GRID_SEED, PROBE_SEED, balanced_labels, one_step, seeded_noise
 
 
 def parse_args():
@@ -47,7 +45,7 @@ def parse_args():
     p.add_argument("--sample-every", type=number(int, 0), default=200, help="sample grid on fixed seeds every N steps")
     p.add_argument("--probe-every", type=number(int, 0, inclusive=True), default=100,
                    help="quality probe every N steps: FID / accuracy of one-step samples on the features of "
-                        "<run-dir>/classifier (made by `evaluate.py --prepare`); 0 = off")
+                        "<run-dir>/classifier (made by `evaluate.py --prepare`); the best is kept as student_best; 0 = off")
     p.add_argument("--probe-samples", type=number(int, 0), default=500, help="samples per quality probe")
     p.add_argument("--data-dir", default=None, help="dataset folder for the probe's real reference images")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/dmd/train_state.pt")
@@ -86,7 +84,7 @@ def main():
     opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
     ema = AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
     gen = torch.Generator().manual_seed(args.seed)  # fresh z, y, t, ε: the same global stream on every process
-    step = 0
+    step, best_probe = 0, float("inf")
     if args.resume:
         state = load_state(os.path.join(out, STATE))
         net_g.backbone.load_state_dict(state["net_g"])
@@ -96,7 +94,7 @@ def main():
         if ema:
             ema.load_state_dict(state["ema"])
         gen.set_state(state["gen"])
-        step = state["step"]
+        step, best_probe = state["step"], state["best_probe"]
     net_g_ddp, mu_fake_ddp, opt_g, opt_fake = accelerator.prepare(net_g, mu_fake, opt_g, opt_fake)
     nets = dmd.Networks(net_g, mu_real, mu_fake, reg_fn.to(dev) if reg_used == "lpips" else reg_fn, net_g_ddp, mu_fake_ddp)
     real_checksum = checksum(mu_real)  # recorded again at the end: µreal must never change
@@ -114,7 +112,7 @@ def main():
         before = one_step(mu_real, z_grid, y_grid).cpu()
     probe = None
     if accelerator.is_main_process and args.probe_every:
-        probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), load_dataset(args.dataset, args.data_dir, train=False, verbose=False),
+        probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), load_splits(args.dataset, args.data_dir, verbose=False)[1],
                            args.probe_samples, PROBE_SEED, spec["shape"], spec["num_classes"], dev)
     if accelerator.is_main_process:
         if args.overwrite and not args.resume:
@@ -135,7 +133,7 @@ def main():
             save_teacher(ema.module, scheduler, os.path.join(out, STUDENT_EMA))
         save_state(dict(net_g=net_g.backbone.state_dict(), mu_fake=mu_fake.backbone.state_dict(),
                         opt_g=opt_g.state_dict(), opt_fake=opt_fake.state_dict(), ema=ema.state_dict() if ema else {},
-                        gen=gen.get_state(), step=step), os.path.join(out, STATE))
+                        gen=gen.get_state(), step=step, best_probe=best_probe), os.path.join(out, STATE))
 
     t0 = t_log = time.time()
     step_log = step  # the step of the last stats row (ms_per_step averages since then)
@@ -170,6 +168,10 @@ def main():
                        minutes=(time.time() - t0) / 60)
             if probe_now:
                 row.update(probe(net_g))
+                if row["probe_fid"] < best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
+                    best_probe = row["probe_fid"]
+                    save_teacher(net_g.backbone, scheduler, os.path.join(out, STUDENT_BEST))
+                    write_json(dict(step=step, probe_fid=best_probe), os.path.join(out, STUDENT_BEST, "probe.json"))
             append_jsonl(row, os.path.join(out, "stats.jsonl"))
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if accelerator.is_main_process and (step % args.sample_every == 0 or last):
@@ -188,7 +190,8 @@ def main():
     sums = accelerator.gather(torch.tensor([[checksum(net_g), checksum(mu_fake)]], dtype=torch.float64, device=dev))
     if accelerator.is_main_process:
         write_json(dict(steps_done=step, rank_checksums=sums.tolist(), wall_minutes=(time.time() - t0) / 60,
-                        stopped_by_time=step < args.steps, mu_real_checksum=[real_checksum, checksum(mu_real)]),
+                        stopped_by_time=step < args.steps, mu_real_checksum=[real_checksum, checksum(mu_real)],
+                        best_probe_fid=best_probe if probe else None),
                    os.path.join(out, "summary.json"))
         print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{STUDENT} "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")

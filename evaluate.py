@@ -1,13 +1,16 @@
-"""Evaluate: FID of the one-step student vs the one-step teacher before distillation vs the multi-step teacher.
+"""Evaluate: the one-step student against the multi-step teacher at several step counts, the one-step teacher before
+distillation, and real data, on the same held-out seeds.
 
     python evaluate.py --fid                      # runs/mnist/{teacher,pairs,dmd} -> runs/mnist/eval/
+    python evaluate.py --fid --repeats 3          # FID as mean ± std over 3 disjoint seed sets
     python evaluate.py --fid --full-ddpm          # also the full T-step ancestral DDPM teacher (slow on CPU)
 
-Every row uses the same seeds, labels and number of samples. FID is computed by torch-fidelity against real
-images of the dataset (its test split where there is one) on Inception features where those weights can be
-had, else on the features of a classifier trained here on the real training data (cached in
-<run-dir>/classifier/). The report names the extractor; the two kinds of FID are never comparable.
-Writes report.json, report.md (table) and grid.png (one row per model, same seeds).
+Noise seeds are held out: they never overlap the pairs' (the student was trained to reproduce those) or the training
+probe's, and every row uses the same seeds, labels and number of samples. A `real` row (real training images against
+the same reference) is the metric's floor. FID, KID, precision and recall come from torch-fidelity on Inception
+features where those weights can be had, else on the features of a classifier trained here on the real training
+data (cached in <run-dir>/classifier/); the report names the extractor, and the two kinds are never comparable.
+Writes report.json, report.md (table), grid.png (one row per model, same seeds) and fid_vs_nfe.png.
 """
 import os
 import statistics
@@ -15,25 +18,29 @@ import sys
 
 import numpy as np
 import torch
-import torch_fidelity
 
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
-from data import load_dataset, save_grid
-from files import CLASSIFIER, DMD, EVAL, PAIRS, STUDENT, STUDENT_EMA, atomic, load_json, write_json
-from metrics import Uint8Images, register_classifier_features, train_classifier
+from data import load_splits, save_grid
+from files import CLASSIFIER, DMD, EVAL, PAIRS, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
+from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
 from models import Denoiser, check_image_shape, default_teacher, load_teacher
 from recipes import PRESETS, default_guidance, grid_columns
-from sampling import generate
+from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_teacher
+
+METRICS = ("fid", "kid", "precision", "recall", "class_accuracy")
 
 
 def main():
     p = script_parser(__doc__.split("\n")[0])
-    p.add_argument("--fid", action="store_true", help="compute FID (the report's main number)")
+    p.set_defaults(seed=None)
+    p.add_argument("--fid", action="store_true", help="compute the report: FID, KID, precision, recall, accuracy, latency")
     p.add_argument("--prepare", action="store_true", help="only train and cache the feature classifier (distill.py's quality probe uses it)")
-    p.add_argument("--num-samples", type=number(int, 0), default=1000, help="samples per model (same seeds and labels for all)")
+    p.add_argument("--num-samples", type=number(int, 0), default=1000, help="samples per model and repeat (same seeds and labels for all)")
+    p.add_argument("--repeats", type=number(int, 0), default=1, help="disjoint seed sets; metrics are mean ± std over them")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="generation batch; latency is measured per image at this batch")
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default as precompute.py")
-    p.add_argument("--sampling-steps", type=number(int, 0), default=None, help="teacher DDIM steps; default the pairs' steps")
+    p.add_argument("--ddim-steps", type=lambda s: [number(int, 0)(x) for x in s.split(",")], default=[1, 2, 4, 8],
+                   help="teacher DDIM step counts for the FID-vs-NFE curve (the pairs' steps are always added)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="teacher guidance; default the pairs'")
     p.add_argument("--full-ddpm", action="store_true", help="also evaluate ancestral DDPM over all T steps (slow)")
     p.add_argument("--feature-extractor", default="auto", choices=["auto", "inception", "classifier"],
@@ -51,110 +58,122 @@ def main():
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
     pairs_meta = os.path.join(args.run_dir, PAIRS, "meta.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
-    steps = args.sampling_steps or pairs.get("sampling_steps", 25)
     s = args.guidance if args.guidance is not None else pairs.get("guidance", default_guidance(spec["num_classes"]))
+    seeds = held_out_seeds(args, pairs)
 
-    # --- reference images and the feature extractor
-    real_train = load_dataset(args.dataset, args.data_dir, train=True)
-    real_test = load_dataset(args.dataset, args.data_dir, train=False, verbose=False) if args.dataset != "celeba" else real_train
+    # --- reference images, the feature classifier, the extractor
+    real_train, real_test, what = load_splits(args.dataset, args.data_dir)
     n_ref = min(len(real_test), args.num_reference)
-    reference = f"{args.dataset} {'test split' if real_test is not real_train else 'training images'} (first {n_ref})"
-    ref_images = torch.stack([real_test[i][0] for i in range(n_ref)])
+    reference = f"{args.dataset} {what} (first {n_ref})"
     clf_dir = os.path.join(args.run_dir, CLASSIFIER)
-    clf = (train_classifier(real_train, real_test, clf_dir, spec["num_classes"], args.seed, args.classifier_epochs, args.dataset)
+    clf = (train_classifier(real_train, real_test, clf_dir, spec["num_classes"], args.seed or 0, args.classifier_epochs, args.dataset)
            if spec["num_classes"] or args.feature_extractor != "inception" else None)
     if args.prepare:
         return
-    extractor = pick_extractor(args, clf_dir)
+    fe, layer, label, rgb = feature_extractor(args.feature_extractor, clf_dir, args.inception_weights, args.device)
+    f_ref = extract(fe, layer, torch.stack([real_test[i][0] for i in range(n_ref)]), rgb, args.device)
+    N, R = args.num_samples, args.repeats
+    # the `real` row's images: a random draw (datasets may be sorted by class), distinct per repeat
+    real_draw = torch.randperm(len(real_train), generator=torch.Generator().manual_seed(seeds[0]))
+    if N * R > len(real_draw):
+        raise UserError(f"--num-samples {N} x --repeats {R} needs more real training images than the {len(real_draw)} "
+                        f"here (the `real` row uses distinct ones): lower --num-samples or --repeats")
 
-    # --- rows: same seeds and labels for every model
-    models = [(f"teacher-ddim-{steps}", teacher, False, dict(steps=steps))]
-    if args.full_ddpm:
-        models.append((f"teacher-ddpm-{spec['T']}", teacher, False, dict(ddpm=True)))
-    models.append(("onestep-before", teacher, True, {}))
-    for name in (STUDENT, STUDENT_EMA):
-        folder = os.path.join(args.run_dir, DMD, name)
-        if os.path.isdir(folder):
-            models.append((name.replace("_", "-"), folder, True, {}))
+    # --- rows: name -> (model folder or None for real images, sampler, NFE)
     rows, grid = [], []
-    for name, source, one_step_model, kw in models:
-        backbone, scheduler = load_teacher(source)
-        check_image_shape(backbone, args.dataset, source)
-        den = Denoiser(backbone, scheduler).to(args.device).eval()
-        images, labels, seconds = generate(den, one_step_model, range(args.num_samples), args.seed, args.batch_size,
-                                           kw.get("steps", steps), s, kw.get("ddpm", False), args.device)
-        guided = s != 1.0 and den.num_classes and not one_step_model
-        row = dict(model=name, nfe=1 if one_step_model else (spec["T"] if kw.get("ddpm") else steps) * (2 if guided else 1),
-                   fid=fid(images, ref_images, extractor, args), class_accuracy=None,
-                   ms_per_image=1000 * statistics.median(seconds[1:] or seconds) / args.batch_size)
-        if clf is not None:
-            f, logits = features(clf, images)
-            if spec["num_classes"]:
-                row["class_accuracy"] = (logits.argmax(1) == labels).float().mean().item()
-            row["diversity"] = diversity(f, labels, *features(clf, ref_images)[:1], real_labels(real_test, n_ref))
+    for name, source, sampler, nfe in row_specs(args, teacher, pairs, s, spec):
+        per_repeat, seconds = [], []
+        den = None
+        if source is not None:
+            backbone, scheduler = load_teacher(source)
+            check_image_shape(backbone, args.dataset, source)
+            den = Denoiser(backbone, scheduler).to(args.device).eval()
+        for r in range(R):
+            if den is None:  # real training images
+                images, labels = torch.stack([real_train[int(i)][0] for i in real_draw[r * N:(r + 1) * N]]), None
+            else:
+                images, labels, sec = generate(den, sampler(den), range(r * N, (r + 1) * N), seeds[0], args.batch_size,
+                                               args.device, desc=name)
+                seconds += sec[1:] or sec
+            m = scores(extract(fe, layer, images, rgb, args.device), f_ref)
+            m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
+            per_repeat.append(m)
+            if r == 0:
+                grid.append(images[:grid_columns(spec["num_classes"])])
+        row = dict(model=name, nfe=nfe, ms_per_image=1000 * statistics.median(seconds) / args.batch_size if seconds else None,
+                   kid_std=float(np.mean([m["kid_std"] for m in per_repeat])))
+        for k in METRICS:
+            values = [m[k] for m in per_repeat if m[k] is not None]
+            row[k] = float(np.mean(values)) if values else None
+            if R > 1 and values:
+                row[k + "_std"] = float(np.std(values, ddof=1))
         rows.append(row)
-        grid.append(images[:grid_columns(spec["num_classes"])])
-        print(f"{name}: FID {row['fid']:.2f}" + (f", accuracy {row['class_accuracy']:.1%}" if row["class_accuracy"] is not None else "")
-              + f", {row['ms_per_image']:.2f} ms/image", file=sys.stderr)
+        print(f"{name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), file=sys.stderr)
 
-    report = dict(dataset=args.dataset, feature_extractor=extractor["label"], num_samples=args.num_samples,
-                  reference=reference, device=describe_device(args.device), guidance=s, seed=args.seed,
+    report = dict(dataset=args.dataset, feature_extractor=label, num_samples=N, repeats=R, reference=reference,
+                  device=describe_device(args.device), guidance=s, seeds=dict(evaluation=seeds, pairs=pair_seeds(pairs)),
                   classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows)
+    add_gap_closed(report)
     os.makedirs(out, exist_ok=True)
     write_json(report, os.path.join(out, "report.json"))
     md = markdown(report)
     with atomic(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
         f.write(md)
     save_grid(torch.cat(grid), os.path.join(out, "grid.png"), nrow=len(grid[0]))
+    plot_fid_vs_nfe(report, os.path.join(out, "fid_vs_nfe.png"))
     print(md)
-    print(f"eval: {out}/report.json, report.md, grid.png (rows: {', '.join(r['model'] for r in rows)})")
+    print(f"eval: {out}/report.json, report.md, grid.png, fid_vs_nfe.png (rows: {', '.join(r['model'] for r in rows)})")
 
 
-def pick_extractor(args, clf_dir):
-    """torch-fidelity keyword arguments for the feature extractor, and a label for the report."""
-    if args.feature_extractor != "classifier":
-        kw = dict(feature_extractor="inception-v3-compat", feature_layer_fid="2048",
-                  feature_extractor_weights_path=args.inception_weights)
-        try:
-            torch_fidelity.utils.create_feature_extractor("inception-v3-compat", ["2048"], cuda=False, verbose=False,
-                                                          feature_extractor_weights_path=args.inception_weights)
-            return dict(kw, label="inception-v3-compat (pool3, 2048-d)", rgb=True)
-        except Exception as e:
-            if args.feature_extractor == "inception":
-                raise UserError(f"Inception weights could not be loaded ({str(e)[:80]}): pass --inception-weights FILE or "
-                    f"--feature-extractor classifier")
-            print(f"notice: Inception weights unavailable ({type(e).__name__}); FID on the trained classifier's features "
-                  f"(not comparable with Inception FID)", file=sys.stderr)
-    register_classifier_features()
-    return dict(feature_extractor="dmd-classifier", feature_layer_fid="penultimate", feature_extractor_weights_path=clf_dir,
-                label=f"classifier penultimate features ({clf_dir})", rgb=False)
+def pair_seeds(pairs):
+    return [pairs["seed"], pairs["seed"] + pairs["num_pairs"]] if pairs else None
 
 
-def fid(images, ref_images, extractor, args):
-    kw = {k: v for k, v in extractor.items() if k not in ("label", "rgb")}
-    m = torch_fidelity.calculate_metrics(input1=Uint8Images(images, extractor["rgb"]), input2=Uint8Images(ref_images, extractor["rgb"]),
-                                         fid=True, cuda=args.device.startswith("cuda"), batch_size=256, verbose=False,
-                                         save_cpu_ram=True, **kw)
-    return m["frechet_inception_distance"]
+def held_out_seeds(args, pairs):
+    """[first, last + 1) of the evaluation's noise seeds, checked disjoint from the pairs' and the probe's."""
+    first = EVAL_SEED if args.seed is None else args.seed
+    ours = [first, first + args.num_samples * args.repeats]
+    dmd_config = os.path.join(args.run_dir, DMD, "config.json")
+    probe = load_json(dmd_config).get("probe_samples", 0) if os.path.exists(dmd_config) else 0
+    for what, (a, b) in (("the pairs' seeds", pair_seeds(pairs) or (0, 0)), ("the training probe's", (PROBE_SEED, PROBE_SEED + probe))):
+        if ours[0] < b and a < ours[1]:
+            raise UserError(f"--seed {first}: evaluation seeds {ours[0]}..{ours[1] - 1} overlap {what} {a}..{b - 1}, "
+                            f"so the numbers would be measured on training inputs: leave --seed out (default {EVAL_SEED}) "
+                            f"or pass one outside {a}..{b - 1}")
+    return ours
 
 
-@torch.no_grad()
-def features(clf, images):
-    out = [clf(images[i:i + 512].float()) for i in range(0, len(images), 512)]
-    return torch.cat([f for f, _ in out]), torch.cat([l for _, l in out])
+def row_specs(args, teacher, pairs, s, spec):
+    """(name, model folder (None = real images), sampler(den) -> sample(z, y, generator), NFE) of every row."""
+    guided = s != 1.0 and spec["num_classes"] > 0
+    steps = sorted(set(args.ddim_steps) | {pairs.get("sampling_steps", 25)})
+    specs = [("real", None, None, None)]
+    specs += [(f"teacher-ddim-{n}", teacher, lambda den, n=n: (lambda z, y, g: sample_teacher(den, z, y, n, s)),
+               n * (2 if guided else 1)) for n in steps]
+    if args.full_ddpm:
+        specs.append((f"teacher-ddpm-{spec['T']}", teacher,
+                      lambda den: (lambda z, y, g: sample_teacher(den, z, y, s=s, ddpm=True, generator=g)),
+                      spec["T"] * (2 if guided else 1)))
+    specs.append(("onestep-before", teacher, lambda den: (lambda z, y, g: one_step(den, z, y)), 1))
+    if guided:
+        specs.append(("onestep-before-guided", teacher, lambda den: (lambda z, y, g: one_step(den, z, y, s)), 2))
+    for name in (STUDENT, STUDENT_EMA, STUDENT_BEST):
+        folder = os.path.join(args.run_dir, DMD, name)
+        if os.path.isdir(folder):
+            specs.append((name.replace("_", "-"), folder, lambda den: (lambda z, y, g: one_step(den, z, y)), 1))
+    return specs
 
 
-def real_labels(ds, n):
-    return torch.as_tensor([ds[i][1] for i in range(n)])
-
-
-def diversity(f, labels, f_real, labels_real):
-    """tr Cov(generated features | class) / tr Cov(real | class), averaged over classes (1 = as diverse as real)."""
-    if labels is None:
-        return (f.var(0).sum() / f_real.var(0).sum()).item()
-    ratios = [(f[labels == c].var(0).sum() / f_real[labels_real == c].var(0).sum()).item()
-              for c in labels.unique() if (labels == c).sum() > 1 and (labels_real == c).sum() > 1]
-    return float(np.mean(ratios))
+def add_gap_closed(report):
+    """For each student: the share of the teacher -> real FID gap it closes, (FID_teacher - FID) / (FID_teacher -
+    FID_real), against the teacher at the pairs' sampler (the largest DDIM step count evaluated)."""
+    by_name = {r["model"]: r for r in report["rows"]}
+    teacher = max((r for r in report["rows"] if r["model"].startswith("teacher-ddim-")), key=lambda r: r["nfe"])
+    gap = teacher["fid"] - by_name["real"]["fid"]
+    report["gap_reference"] = teacher["model"]
+    for r in report["rows"]:
+        if r["model"].startswith("student"):
+            r["gap_closed"] = (teacher["fid"] - r["fid"]) / gap if gap > 0 else None
 
 
 def describe_device(device):
@@ -165,16 +184,56 @@ def describe_device(device):
 
 
 def markdown(report):
-    lines = [f"Dataset **{report['dataset']}**, {report['num_samples']} samples per model, reference: {report['reference']}.",
-             f"FID features: {report['feature_extractor']}. Device: {report['device']}."]
+    def cell(r, k, fmt):
+        if r.get(k) is None:
+            return "-"
+        return fmt.format(r[k]) + (" ± " + fmt.format(r[k + "_std"]) if k + "_std" in r and k != "kid" else "")
+    seeds = report["seeds"]
+    lines = [f"Dataset **{report['dataset']}**, {report['num_samples']} samples per row and repeat, {report['repeats']} "
+             f"repeat(s) (mean ± std), reference: {report['reference']}.",
+             f"Features: {report['feature_extractor']}. Device: {report['device']}. Guidance of the teacher rows: {report['guidance']}.",
+             f"Noise seeds {seeds['evaluation'][0]}..{seeds['evaluation'][1] - 1} (held out; the pairs used "
+             f"{'..'.join(str(x) for x in seeds['pairs']) if seeds['pairs'] else 'none'}). "
+             f"Gap closed = (FID_teacher - FID) / (FID_teacher - FID_real), teacher = {report['gap_reference']}."]
     if report["classifier_test_accuracy"] is not None:
         lines.append(f"Feature classifier held-out accuracy: {report['classifier_test_accuracy']:.1%}.")
-    lines += ["", "| model | NFE | FID | class accuracy | diversity | ms / image |", "|---|---|---|---|---|---|"]
+    lines += ["", "| model | NFE | FID | KID | precision | recall | class accuracy | gap closed | ms / image |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        acc = f"{r['class_accuracy']:.1%}" if r["class_accuracy"] is not None else "-"
-        div = f"{r['diversity']:.2f}" if r.get("diversity") is not None else "-"
-        lines.append(f"| {r['model']} | {r['nfe']} | {r['fid']:.2f} | {acc} | {div} | {r['ms_per_image']:.2f} |")
+        kid = f"{r['kid']:.4g} ± {r['kid_std']:.2g}"
+        cells = [r["model"], r["nfe"] or "-", cell(r, "fid", "{:.2f}"), kid, cell(r, "precision", "{:.3f}"),
+                 cell(r, "recall", "{:.3f}"), cell(r, "class_accuracy", "{:.1%}"), cell(r, "gap_closed", "{:.0%}"),
+                 cell(r, "ms_per_image", "{:.2f}")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_fid_vs_nfe(report, path):
+    """FID against NFE (log scale): the teacher's DDIM curve, each one-step model as a point, the real floor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    curve = sorted((r for r in rows if r["model"].startswith("teacher-ddim-")), key=lambda r: r["nfe"])
+    ax.errorbar([r["nfe"] for r in curve], [r["fid"] for r in curve], yerr=[r.get("fid_std", 0) for r in curve],
+                marker="o", label="teacher, DDIM")
+    for r in rows:
+        if r["model"].startswith(("student", "onestep", "teacher-ddpm")):
+            ax.errorbar([r["nfe"]], [r["fid"]], yerr=[r.get("fid_std", 0)], marker="*" if r["model"].startswith("student") else "s",
+                        linestyle="none", markersize=10, label=r["model"])
+    real = next(r for r in rows if r["model"] == "real")
+    ax.axhline(real["fid"], color="grey", linestyle="--", label="real training images (floor)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per image (NFE)")
+    ax.set_ylabel("FID")
+    ax.set_title(f"{report['dataset']}: FID vs NFE ({report['feature_extractor'].split(' (')[0]})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

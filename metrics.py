@@ -1,8 +1,10 @@
 """Image quality measured with torch-fidelity: the feature extractor (Inception where its weights can be had, else a
-small classifier trained here on the real data), and the quality probe that distill.py runs during training.
+small classifier trained here on the real data), FID, KID, precision and recall from the library's own functions on
+those features, and the quality probe that distill.py runs during training.
 
 The classifier's features are registered with torch-fidelity as the extractor "dmd-classifier" by
-`register_classifier_features()`, so both kinds of FID go through the same library code.
+`register_classifier_features()`, so both kinds of features go through the same library code. The two kinds of FID
+are never comparable: every report names its extractor.
 """
 import os
 import sys
@@ -12,8 +14,12 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 from tqdm import tqdm
 
+from cli import UserError
 from data import to_uint8, to_unit
 from files import save_folder
 from models import Classifier
@@ -111,27 +117,78 @@ def task_batch(x, y, labelled, gen):
     return torch.stack([torch.rot90(xi, int(ki), (1, 2)) for xi, ki in zip(x, k)]), k
 
 
+# ---------------------------------------------------------------------------------------------
+# Features and scores
+# ---------------------------------------------------------------------------------------------
+def feature_extractor(choice, classifier_dir, inception_weights=None, device="cpu"):
+    """(torch-fidelity extractor, the feature layer, a label for reports, whether grey images go in as RGB).
+    `choice`: "inception", "classifier", or "auto" = Inception if its weights load, else the classifier."""
+    cuda = str(device).startswith("cuda")
+    if choice != "classifier":
+        try:
+            fe = create_feature_extractor("inception-v3-compat", ["2048"], cuda=cuda, verbose=False,
+                                          feature_extractor_weights_path=inception_weights)
+            return fe, "2048", "inception-v3-compat (pool3, 2048-d)", True
+        except Exception as e:
+            if choice == "inception":
+                raise UserError(f"Inception weights could not be loaded ({str(e)[:80]}): pass --inception-weights FILE or "
+                                f"--feature-extractor classifier")
+            print(f"notice: Inception weights unavailable ({type(e).__name__}); FID on the trained classifier's features "
+                  f"(not comparable with Inception FID)", file=sys.stderr)
+    register_classifier_features()
+    fe = create_feature_extractor(CLASSIFIER_FEATURES, ["penultimate"], cuda=cuda, verbose=False,
+                                  feature_extractor_weights_path=classifier_dir)
+    return fe, "penultimate", f"classifier penultimate features ({classifier_dir})", False
+
+
+def extract(fe, layer, images, rgb, device="cpu"):
+    """Features (N, d) of images in [-1, 1], as torch-fidelity computes them (uint8 input: clipped and quantised like
+    any saved image)."""
+    return get_featuresdict_from_dataset(Uint8Images(images, rgb), fe, batch_size=256, cuda=str(device).startswith("cuda"),
+                                         save_cpu_ram=True, verbose=False)[layer]
+
+
+@torch.no_grad()
+def class_accuracy(clf, images, labels):
+    """The fraction of images that the classifier assigns to the class they were generated for."""
+    logits = torch.cat([clf(to_unit(to_uint8(x)))[1] for x in images.split(500)])  # as saved: clipped, quantised
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def scores(f, f_ref):
+    """FID, KID (mean and its std over subsets), precision and recall (Kynkäänniemi et al., k = 3) of features `f`
+    against the reference `f_ref`, each from torch-fidelity's own function."""
+    fid = fid_statistics_to_metric(fid_features_to_statistics(f.double()), fid_features_to_statistics(f_ref.double()),
+                                   False)["frechet_inception_distance"]
+    kid = kid_features_to_metric(f, f_ref, kid_subset_size=min(1000, len(f), len(f_ref)), verbose=False)
+    prc = prc_features_to_metric(f, f_ref, save_cpu_ram=True, verbose=False)
+    return dict(fid=float(fid), kid=kid["kernel_inception_distance_mean"], kid_std=kid["kernel_inception_distance_std"],
+                precision=prc["precision"], recall=prc["recall"])
+
+
 def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, device):
     """A cheap quality probe for training, or None where `evaluate.py --prepare` has not made the classifier yet: FID
-    and class accuracy of `num_samples` one-step images on fixed seeds, against the real images `real`, on the
-    classifier's features."""
+    and class accuracy of `num_samples` one-step images on fixed seeds (disjoint from the pairs' and evaluation's),
+    against the real images `real`, on the classifier's features, the way evaluate.py computes them."""
     if not os.path.isfile(os.path.join(classifier_dir, "config.json")):
         print(f"notice: no {classifier_dir}; quality probe off (make it with `python evaluate.py --prepare`)",
               file=sys.stderr)
         return None
-    clf = Classifier.from_pretrained(classifier_dir).eval().to(device)
-    with torch.no_grad():
-        x_real = torch.stack([real[i][0] for i in range(min(len(real), 10000))]).to(device)
-        ref = fid_features_to_statistics(torch.cat([clf(c)[0] for c in x_real.split(500)]).cpu().double())
-    z = seeded_noise(range(num_samples), shape, seed).to(device)
+    fe, layer, _, _ = feature_extractor("classifier", classifier_dir, device=device)
+    clf = Classifier.from_pretrained(classifier_dir).eval()
+    x_real = torch.stack([real[i][0] for i in range(min(len(real), 10000))])
+    ref = fid_features_to_statistics(extract(fe, layer, x_real, False, device).double())
+    z = seeded_noise(range(num_samples), shape, seed)
     y = balanced_labels(range(num_samples), num_classes)
 
     @torch.no_grad()
     def probe(net_g):
-        x = torch.cat([one_step(net_g, zc, yc.to(device) if yc is not None else None)
+        x = torch.cat([one_step(net_g, zc.to(device), yc.to(device) if yc is not None else None).cpu()
                        for zc, yc in zip(z.split(250), y.split(250) if y is not None else [None] * len(z.split(250)))])
-        f, logits = clf(to_unit(to_uint8(x)))  # the images as saved: clipped to [-1, 1] and quantised, as evaluate.py sees them
-        fid = fid_statistics_to_metric(fid_features_to_statistics(f.cpu().double()), ref, False)["frechet_inception_distance"]
-        acc = (logits.argmax(1).cpu() == y).float().mean().item() if y is not None else None
-        return dict(probe_fid=float(fid), **({"probe_acc": acc} if acc is not None else {}))
+        fid = fid_statistics_to_metric(fid_features_to_statistics(extract(fe, layer, x, False, device).double()), ref,
+                                       False)["frechet_inception_distance"]
+        row = dict(probe_fid=float(fid))
+        if y is not None:
+            row["probe_acc"] = class_accuracy(clf, x, y)
+        return row
     return probe

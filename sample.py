@@ -11,22 +11,23 @@ import os
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from cli import UserError, number, parse, run, script_parser
 from data import save_grid, to_uint8
-from files import DMD, STUDENT, STUDENT_EMA, atomic
+from files import DMD, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic
 from models import Denoiser, check_image_shape, default_teacher, load_teacher
 from recipes import default_guidance, grid_columns
-from sampling import generate
+from sampling import generate, one_step, sample_teacher
 
-MODELS = ("teacher", "onestep-teacher", "student", "student-ema")
+MODELS = ("teacher", "onestep-teacher", "student", "student-ema", "student-best")
 
 
 def main():
     p = script_parser(__doc__.split("\n")[0])
     p.add_argument("--model", default="teacher", choices=MODELS, help="what to sample from")
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
-    p.add_argument("--student", default=None, help="student folder; default <run-dir>/dmd/student (or student_ema)")
+    p.add_argument("--student", default=None, help="student folder; default <run-dir>/dmd/student (student_ema, student_best)")
     p.add_argument("--num-samples", type=number(int, 0), default=80, help="how many images")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="images per forward pass")
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps for --model teacher")
@@ -40,14 +41,18 @@ def main():
     check_image_shape(backbone, args.dataset, source)
     den = Denoiser(backbone, scheduler).to(args.device).eval()
     args.guidance = default_guidance(den.num_classes) if args.guidance is None else args.guidance
-    images, labels, _ = generate(den, args.model != "teacher", range(args.num_samples), args.seed, args.batch_size,
-                                 args.sampling_steps, args.guidance, args.full_ddpm, args.device)
+
+    def sampler(z, y, generator):
+        if args.model == "teacher":
+            return sample_teacher(den, z, y, args.sampling_steps, args.guidance, args.full_ddpm, generator)
+        return one_step(den, z, y)
+    images, labels, _ = generate(den, sampler, range(args.num_samples), args.seed, args.batch_size, args.device)
     out = args.out or os.path.join(args.run_dir, "samples")
     os.makedirs(out, exist_ok=True)
     name = f"{args.model}" + (f"-ddpm{den.T}" if args.full_ddpm else f"-ddim{args.sampling_steps}" if args.model == "teacher" else "")
     save_grid(images[:80], os.path.join(out, f"{name}.png"), nrow=grid_columns(den.num_classes))
     if args.out:
-        u8 = to_uint8(images).permute(0, 2, 3, 1).numpy()
+        u8 = rearrange(to_uint8(images), "n c h w -> n h w c").numpy()
         with atomic(os.path.join(out, "samples.npz")) as tmp:
             np.savez(tmp, images=u8, labels=labels.numpy() if labels is not None else np.zeros(0, np.int64))
     print(f"{name}: {len(images)} images -> {out}/{name}.png" + (f" and {out}/samples.npz" if args.out else ""))
@@ -56,9 +61,10 @@ def main():
 def model_source(args):
     if args.model in ("teacher", "onestep-teacher"):
         return args.teacher or default_teacher(args.dataset, args.run_dir)
-    folder = args.student or os.path.join(args.run_dir, DMD, STUDENT_EMA if args.model == "student-ema" else STUDENT)
+    folder = args.student or os.path.join(args.run_dir, DMD, {"student": STUDENT, "student-ema": STUDENT_EMA,
+                                                             "student-best": STUDENT_BEST}[args.model])
     if not os.path.isdir(folder):
-        raise UserError(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema) or pass --student")
+        raise UserError(f"no student in {folder}: run `python distill.py` first (with --ema for student-ema, a probe for student-best) or pass --student")
     return folder
 
 

@@ -2,12 +2,18 @@
 
 Sample i always uses noise seed `seed + i` and (class-conditional) label `i % num_classes`, so an image never
 depends on the batch size or the number of processes, and every model can be scored on the same inputs.
+
+Each use of seeded noise has its own range of seeds, so that no reported number is measured on a training input:
+the pairs use seed .. seed + num_pairs (precompute.py --seed, default 0), the sample grids GRID_SEED.., distill.py's
+probe PROBE_SEED.., and evaluation EVAL_SEED.. (evaluate.py refuses seeds that overlap the pairs' or the probe's).
 """
 import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm import tqdm
+
+GRID_SEED, PROBE_SEED, EVAL_SEED = 10 ** 6, 2 * 10 ** 6, 10 ** 7
 
 
 @torch.no_grad()
@@ -41,28 +47,27 @@ def balanced_labels(indices, num_classes):
     return torch.as_tensor(indices, dtype=torch.long) % num_classes if num_classes else None
 
 
-def one_step(denoiser, z, y=None):
-    """The generator G(z, y): x̂0 of the network at t_gen = T-1 with x_t = z ~ N(0, I). One evaluation."""
-    return denoiser.x0(z, denoiser.T - 1, y)
+def one_step(denoiser, z, y=None, s=1.0):
+    """The generator G(z, y): x̂0 of the network at t_gen = T-1 with x_t = z ~ N(0, I). One evaluation (two when
+    guided: the one-step teacher with guidance s)."""
+    return denoiser.x0(z, denoiser.T - 1, y, s)
 
 
 @torch.no_grad()
-def generate(den, one_step_model, indices, seed, batch_size, steps=25, s=1.0, ddpm=False, device="cpu"):
+def generate(den, sample, indices, seed, batch_size, device="cpu", desc="sampling"):
     """Images in [-1, 1] (CPU), labels (or None) and seconds per batch for sample indices: noise seed+i, label
-    i % num_classes. One-step models (student, teacher before distillation) take one evaluation, else DDIM/DDPM."""
+    i % num_classes. `sample(z, y, generator)` makes a batch: one_step, sample_teacher, ... (`generator` for
+    samplers that draw noise along the way, seeded by the batch's first sample)."""
     images, labels, seconds = [], [], []
     indices = list(indices)
     shape = (den.backbone.config.in_channels, *(den.backbone.config.sample_size,) * 2)
-    for i in tqdm(range(0, len(indices), batch_size), desc="one-step" if one_step_model else "multi-step", leave=False):
+    for i in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
         idx = indices[i:i + batch_size]
         z, y = seeded_noise(idx, shape, seed).to(device), balanced_labels(idx, den.num_classes)
         y_dev = y.to(device) if y is not None else None
         sync(device)
         t0 = time.perf_counter()
-        if one_step_model:
-            x = one_step(den, z, y_dev)
-        else:
-            x = sample_teacher(den, z, y_dev, steps, s, ddpm, torch.Generator(device).manual_seed(seed + idx[0]))
+        x = sample(z, y_dev, torch.Generator(device).manual_seed(seed + idx[0]))
         sync(device)
         seconds.append(time.perf_counter() - t0)
         images.append(x.float().cpu())

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import numpy as np
@@ -8,9 +9,9 @@ import torch_fidelity
 from conftest import read_json, run
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-import evaluate
 import metrics
 from models import Classifier
+from sampling import PROBE_SEED
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +32,12 @@ def test_classifier_extractor_is_registered_and_shaped(classifier_dir):
 
 
 def test_fid_of_a_set_against_itself_is_zero(classifier_dir):
+    """Through the whole path evaluate.py uses: images -> torch-fidelity extractor (the classifier) -> scores."""
     images = torch.rand(200, 1, 28, 28) * 2 - 1
-    extractor = dict(feature_extractor="dmd-classifier", feature_layer_fid="penultimate",
-                     feature_extractor_weights_path=classifier_dir, rgb=False, label="")
-
-    class Args:
-        device = "cpu"
-    metrics.register_classifier_features()
-    same, other = evaluate.fid(images, images, extractor, Args), evaluate.fid(images, -images.abs(), extractor, Args)
-    assert other > 0 and abs(same) < 1e-3 * other
+    fe, layer, label, rgb = metrics.feature_extractor("classifier", classifier_dir)
+    f = metrics.extract(fe, layer, images, rgb)
+    same, other = metrics.scores(f, f)["fid"], metrics.scores(metrics.extract(fe, layer, -images.abs(), rgb), f)["fid"]
+    assert other > 0 and abs(same) < 1e-3 * other and label.startswith("classifier")
 
 
 def test_fid_matches_closed_form_on_gaussians():
@@ -54,24 +52,54 @@ def test_fid_matches_closed_form_on_gaussians():
 
 
 def test_tiny_end_to_end_report(mnist_run, tmp_path):
+    """The report of a tiny run: every row with every metric, on seeds held out from the pairs' and the probe's, and a
+    student_best chosen by distill.py's probe."""
     d = tmp_path / "run"
     shutil.copytree(mnist_run / "teacher", d / "teacher")
     shutil.copytree(mnist_run / "pairs", d / "pairs")
-    shutil.copytree(mnist_run / "teacher", d / "dmd" / "student")  # a student is a teacher-format folder
-    r = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--classifier-epochs", 1,
-            "--num-reference", 100)
+    run("evaluate.py", "--prepare", "--run-dir", d, "--classifier-epochs", 1)
+    run("distill.py", "--run-dir", d, "--steps", 3, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--lr", 1e-3,
+        "--probe-every", 1, "--probe-samples", 20)
+    stats = [json.loads(line) for line in open(d / "dmd" / "stats.jsonl")]
+    best = min(stats, key=lambda row: row["probe_fid"])
+    assert read_json(d / "dmd" / "student_best" / "probe.json") == dict(step=best["step"], probe_fid=best["probe_fid"])
+    r = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
+            "--ddim-steps", "1,2")
     report = read_json(d / "eval" / "report.json")
     assert report["dataset"] == "mnist" and report["num_samples"] == 20
     assert report["feature_extractor"].startswith("classifier")  # no Inception weights offline
-    assert [row["model"] for row in report["rows"]] == ["teacher-ddim-3", "onestep-before", "student"]
-    for row in report["rows"]:
-        assert set(row) >= {"model", "nfe", "fid", "class_accuracy", "ms_per_image"}
-        assert np.isfinite(row["fid"]) and 0 <= row["class_accuracy"] <= 1 and row["ms_per_image"] > 0
-    assert report["rows"][0]["nfe"] == 6 and report["rows"][1]["nfe"] == 1  # 3 guided DDIM steps = 6 evaluations
-    student, before = report["rows"][2], report["rows"][1]
-    assert student["fid"] == pytest.approx(before["fid"])  # same weights, same seeds -> same images
-    assert (d / "eval" / "report.md").is_file() and (d / "eval" / "grid.png").is_file()
+    rows = {row["model"]: row for row in report["rows"]}
+    assert list(rows) == ["real", "teacher-ddim-1", "teacher-ddim-2", "teacher-ddim-3", "onestep-before",
+                          "onestep-before-guided", "student", "student-best"]
+    for name, row in rows.items():
+        for key in ("fid", "kid", "kid_std", "precision", "recall"):
+            assert np.isfinite(row[key]), (name, key)
+        if name != "real":
+            assert 0 <= row["class_accuracy"] <= 1 and row["ms_per_image"] > 0, name
+    assert [rows[n]["nfe"] for n in ("teacher-ddim-1", "teacher-ddim-3", "onestep-before", "onestep-before-guided",
+                                     "student")] == [2, 6, 1, 2, 1]  # guided: 2 evaluations per step
+    evaluation, pairs = report["seeds"]["evaluation"], report["seeds"]["pairs"]
+    assert pairs == [0, 48] and evaluation[0] >= pairs[1]  # held out: the student never saw these noises
+    assert not set(range(*evaluation)) & set(range(PROBE_SEED, PROBE_SEED + 20))
+    assert "gap_closed" in rows["student"]
+    for f in ("report.md", "grid.png", "fid_vs_nfe.png"):
+        assert (d / "eval" / f).is_file(), f
     assert "| student | 1 |" in r.stdout
+
+
+def test_scores_known_cases():
+    """torch-fidelity's FID, KID, precision and recall as metrics.scores wires them. A set against itself: FID 0,
+    precision = recall = 1 and KID near 0 (the unbiased estimator reads slightly below 0 on identical samples); a new
+    draw of the same distribution: KID near 0; a far-away set: precision = recall = 0."""
+    torch.manual_seed(0)
+    a, b = torch.randn(300, 16), torch.randn(300, 16)
+    same, fresh, shifted = metrics.scores(a, a), metrics.scores(b, a), metrics.scores(a + 0.5, a)
+    assert abs(same["fid"]) < 1e-6 and same["precision"] == 1 and same["recall"] == 1
+    assert abs(same["kid"]) < 0.1 * shifted["kid"] and abs(fresh["kid"]) < 0.02 * shifted["kid"]
+    far = metrics.scores(a + 50, a)
+    assert far["precision"] == 0 and far["recall"] == 0 and far["kid"] > 1000 * shifted["kid"]
+    half = metrics.scores(torch.cat([a[:150], a[150:] + 50]), a)  # half the samples on the data, half far away
+    assert 0.45 <= half["precision"] <= 0.55 and half["recall"] > 0.4
 
 
 def test_classifier_is_the_same_on_every_run(tmp_path):

@@ -7,7 +7,7 @@ from conftest import TINY_UNET, fake_images, read_json, run
 
 @pytest.mark.parametrize("dataset", ["celeba", "cifar10"])
 def test_tiny_end_to_end(tmp_path, dataset):
-    data, r = fake_images(tmp_path / "data", n=8, size=40), tmp_path / "run"
+    data, r = fake_images(tmp_path / "data", n=16, size=40), tmp_path / "run"
     common = ["--dataset", dataset, "--run-dir", r]
     run("train_teacher.py", *common, "--data-dir", data, "--max-steps", 2, "--batch-size", 4, "--sampling-steps", 2,
         "--unet-config", json.dumps(TINY_UNET), "--prediction-type", "v_prediction")
@@ -17,6 +17,7 @@ def test_tiny_end_to_end(tmp_path, dataset):
     run("evaluate.py", *common, "--fid", "--data-dir", data, "--num-samples", 8, "--batch-size", 4,
         "--classifier-epochs", 1)
     report = read_json(r / "eval" / "report.json")
-    assert [row["model"] for row in report["rows"]] == ["teacher-ddim-2", "onestep-before", "student"]
+    assert [row["model"] for row in report["rows"]] == ["real", "teacher-ddim-1", "teacher-ddim-2", "teacher-ddim-4",
+                                                        "teacher-ddim-8", "onestep-before", "student"]
     assert all(row["class_accuracy"] is None for row in report["rows"])  # no classes: skipped cleanly
     assert read_json(r / "classifier" / "config.json")["task"] == "rotation"  # self-supervised features

@@ -113,6 +113,7 @@ BAD = [  # (script, args, words the one-line message must contain)
     ("precompute.py", ["--dataset", "cifar10", "--teacher", "{root}/good/teacher", "--run-dir", "{root}/x"], "makes 1x28x28 images"),
     ("distill.py", ["--run-dir", "{root}/good"], "--overwrite"),
     ("train_teacher.py", ["--run-dir", "{root}/good/..", "--data-dir", "{root}/nowhere"], "does not exist"),
+    ("evaluate.py", ["--fid", "--run-dir", "{root}/good", "--seed", 0], "overlap the pairs' seeds 0..47"),
 ]
 
 
