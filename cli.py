@@ -10,7 +10,7 @@ import ctypes
 import os
 import sys
 
-from recipes import PRESETS
+from recipes import PRESETS, dataset_name
 
 
 class UserError(Exception):
@@ -47,15 +47,17 @@ def script_parser(description):
         print(f"error: {msg} (see --help)", file=sys.stderr)
         sys.exit(2)
     p.error = error
-    p.add_argument("--dataset", default="mnist", choices=list(PRESETS), help="which dataset and teacher")
-    p.add_argument("--run-dir", default=None, help="run folder; default runs/<dataset>")
+    p.add_argument("--dataset", default=None, choices=[name for name in PRESETS if name != "custom"],
+                   help="a preset (dataset, teacher, recipe); default mnist, or your own with --teacher (and --data-dir)")
+    p.add_argument("--run-dir", default=None, help="run folder; default runs/<dataset> (runs/custom with --teacher)")
     p.add_argument("--seed", type=number(int, 0, inclusive=True), default=0, help="base seed (sample i uses seed+i)")
     return p
 
 
 def parse(p):
-    """Parse the command line and fill in --run-dir's default."""
+    """Parse the command line and fill in --dataset's and --run-dir's defaults."""
     args = p.parse_args()
+    args.dataset = dataset_name(args.dataset, getattr(args, "teacher", None) or getattr(args, "image_size", None))
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     return args
 

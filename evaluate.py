@@ -21,11 +21,12 @@ import torch
 
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid
-from files import CLASSIFIER, DMD, EVAL, PAIRS, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
+from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
-from models import Denoiser, check_image_shape, default_teacher, load_teacher
-from recipes import PRESETS, default_guidance, grid_columns
-from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_teacher
+from models import (Denoiser, check_image_shape, default_teacher, load_teacher, model_card, student_timesteps,
+                    teacher_spec)
+from recipes import default_guidance, grid_columns
+from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
 
 METRICS = ("fid", "kid", "precision", "recall", "class_accuracy")
 
@@ -43,6 +44,8 @@ def main():
                    help="teacher DDIM step counts for the FID-vs-NFE curve (the pairs' steps are always added)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="teacher guidance; default the pairs'")
     p.add_argument("--full-ddpm", action="store_true", help="also evaluate ancestral DDPM over all T steps (slow)")
+    p.add_argument("--rows", type=lambda s: tuple(s.split(",")), default=None,
+                   help="only the rows whose names start with one of these, e.g. real,student (default: all)")
     p.add_argument("--feature-extractor", default="auto", choices=["auto", "inception", "classifier"],
                    help="auto: Inception if its weights load, else the trained classifier")
     p.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception weights file (no download needed)")
@@ -53,16 +56,21 @@ def main():
     args = parse(p)
     if not (args.fid or args.prepare):
         raise UserError("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
-    spec = PRESETS[args.dataset]
     out = os.path.join(args.run_dir, EVAL)
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
-    pairs_meta = os.path.join(args.run_dir, PAIRS, "meta.json")
+    backbone, scheduler = load_teacher(teacher)
+    check_image_shape(backbone, args.dataset, teacher)
+    spec = teacher_spec(Denoiser(backbone, scheduler))
+    pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
-    s = args.guidance if args.guidance is not None else pairs.get("guidance", default_guidance(spec["num_classes"]))
+    if args.guidance is None:  # the teacher as it was distilled: the pairs' guidance, else µreal's, else the default
+        distilled = load_json(dmd_config) if os.path.exists(dmd_config) else {}
+        args.guidance = pairs.get("guidance", distilled.get("guidance", default_guidance(spec["guidable"])))
+    s = args.guidance
     seeds = held_out_seeds(args, pairs)
 
     # --- reference images, the feature classifier, the extractor
-    real_train, real_test, what = load_splits(args.dataset, args.data_dir)
+    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, spec["shape"], spec["num_classes"])
     n_ref = min(len(real_test), args.num_reference)
     reference = f"{args.dataset} {what} (first {n_ref})"
     clf_dir = os.path.join(args.run_dir, CLASSIFIER)
@@ -81,7 +89,7 @@ def main():
 
     # --- rows: name -> (model folder or None for real images, sampler, NFE)
     rows, grid = [], []
-    for name, source, sampler, nfe in row_specs(args, teacher, pairs, s, spec):
+    for name, source, sampler, nfe, draws in row_specs(args, teacher, pairs, s, spec):
         per_repeat, seconds = [], []
         den = None
         if source is not None:
@@ -93,7 +101,7 @@ def main():
                 images, labels = torch.stack([real_train[int(i)][0] for i in real_draw[r * N:(r + 1) * N]]), None
             else:
                 images, labels, sec = generate(den, sampler(den), range(r * N, (r + 1) * N), seeds[0], args.batch_size,
-                                               args.device, desc=name)
+                                               args.device, desc=name, draws=draws)
                 seconds += sec[1:] or sec
             m = scores(extract(fe, layer, images, rgb, args.device), f_ref)
             m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
@@ -121,6 +129,12 @@ def main():
         f.write(md)
     save_grid(torch.cat(grid), os.path.join(out, "grid.png"), nrow=len(grid[0]))
     plot_fid_vs_nfe(report, os.path.join(out, "fid_vs_nfe.png"))
+    pipeline = os.path.join(args.run_dir, DMD, PIPELINE)
+    if os.path.isdir(pipeline) and os.path.exists(dmd_config):  # the exported student's model card gets the numbers
+        summary = load_json(os.path.join(args.run_dir, DMD, "summary.json"))
+        card = model_card(dict(load_json(dmd_config), steps_done=summary["steps_done"]), report)
+        with atomic(os.path.join(pipeline, "README.md")) as tmp, open(tmp, "w") as f:
+            f.write(card)
     print(md)
     print(f"eval: {out}/report.json, report.md, grid.png, fid_vs_nfe.png (rows: {', '.join(r['model'] for r in rows)})")
 
@@ -144,31 +158,38 @@ def held_out_seeds(args, pairs):
 
 
 def row_specs(args, teacher, pairs, s, spec):
-    """(name, model folder (None = real images), sampler(den) -> sample(z, y, generator), NFE) of every row."""
-    guided = s != 1.0 and spec["num_classes"] > 0
+    """(name, model folder (None = real images), sampler(den) -> sample(noise, y, generator), NFE, noise draws per
+    sample) of every row. A student runs at the timesteps saved with it (its K steps: NFE = K)."""
+    guided = s != 1.0 and spec["guidable"]
     steps = sorted(set(args.ddim_steps) | {pairs.get("sampling_steps", 25)})
-    specs = [("real", None, None, None)]
+    specs = [("real", None, None, None, 1)]
     specs += [(f"teacher-ddim-{n}", teacher, lambda den, n=n: (lambda z, y, g: sample_teacher(den, z, y, n, s)),
-               n * (2 if guided else 1)) for n in steps]
+               n * (2 if guided else 1), 1) for n in steps]
     if args.full_ddpm:
         specs.append((f"teacher-ddpm-{spec['T']}", teacher,
                       lambda den: (lambda z, y, g: sample_teacher(den, z, y, s=s, ddpm=True, generator=g)),
-                      spec["T"] * (2 if guided else 1)))
-    specs.append(("onestep-before", teacher, lambda den: (lambda z, y, g: one_step(den, z, y)), 1))
+                      spec["T"] * (2 if guided else 1), 1))
+    specs.append(("onestep-before", teacher, lambda den: (lambda z, y, g: one_step(den, z, y)), 1, 1))
     if guided:
-        specs.append(("onestep-before-guided", teacher, lambda den: (lambda z, y, g: one_step(den, z, y, s)), 2))
+        specs.append(("onestep-before-guided", teacher, lambda den: (lambda z, y, g: one_step(den, z, y, s)), 2, 1))
     for name in (STUDENT, STUDENT_EMA, STUDENT_BEST):
         folder = os.path.join(args.run_dir, DMD, name)
         if os.path.isdir(folder):
-            specs.append((name.replace("_", "-"), folder, lambda den: (lambda z, y, g: one_step(den, z, y)), 1))
-    return specs
+            ts = student_timesteps(folder, spec["T"])
+            specs.append((name.replace("_", "-"), folder,
+                          lambda den, ts=ts: (lambda noise, y, g: sample_generator(den, noise, y, ts)), len(ts), len(ts)))
+    return [row for row in specs if args.rows is None or row[0].startswith(args.rows)]
 
 
 def add_gap_closed(report):
     """For each student: the share of the teacher -> real FID gap it closes, (FID_teacher - FID) / (FID_teacher -
     FID_real), against the teacher at the pairs' sampler (the largest DDIM step count evaluated)."""
     by_name = {r["model"]: r for r in report["rows"]}
-    teacher = max((r for r in report["rows"] if r["model"].startswith("teacher-ddim-")), key=lambda r: r["nfe"])
+    teachers = [r for r in report["rows"] if r["model"].startswith("teacher-ddim-")]
+    if not teachers or "real" not in by_name:  # --rows left them out
+        report["gap_reference"] = None
+        return
+    teacher = max(teachers, key=lambda r: r["nfe"])
     gap = teacher["fid"] - by_name["real"]["fid"]
     report["gap_reference"] = teacher["model"]
     for r in report["rows"]:
@@ -222,8 +243,9 @@ def plot_fid_vs_nfe(report, path):
         if r["model"].startswith(("student", "onestep", "teacher-ddpm")):
             ax.errorbar([r["nfe"]], [r["fid"]], yerr=[r.get("fid_std", 0)], marker="*" if r["model"].startswith("student") else "s",
                         linestyle="none", markersize=10, label=r["model"])
-    real = next(r for r in rows if r["model"] == "real")
-    ax.axhline(real["fid"], color="grey", linestyle="--", label="real training images (floor)")
+    for r in rows:
+        if r["model"] == "real":
+            ax.axhline(r["fid"], color="grey", linestyle="--", label="real training images (floor)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per image (NFE)")

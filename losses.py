@@ -76,3 +76,15 @@ def denoising_loss(pred, target):
     target, both (B, C, H, W). The target is the teacher's own: ε for ε-prediction, v for v-prediction, x0 for
     sample-prediction; the seed's x̂0 form passes µfake's x̂0 and G's image (same minimiser, another weighting over t)."""
     return F.mse_loss(pred.float(), target.float())
+
+
+def gan_generator_loss(logit_fake):
+    """DMD2's GAN loss for the generator (non-saturating): softplus(-D(G(z))) = -log sigmoid(D(G(z))), mean.
+    logit_fake: (B,) the head's logits on G's images, with grad flowing back through µfake into G."""
+    return F.softplus(-logit_fake).mean()
+
+
+def gan_discriminator_loss(logit_fake, logit_real):
+    """DMD2's loss for the GAN head (logistic): softplus(D(fake)) + softplus(-D(real)), mean over the batch.
+    logit_fake: (B,) on G's detached images; logit_real: (B,) on real images. At chance it is 2 log 2 = 1.39."""
+    return (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()

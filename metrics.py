@@ -23,7 +23,7 @@ from cli import UserError
 from data import to_uint8, to_unit
 from files import save_folder
 from models import Classifier
-from sampling import balanced_labels, one_step, seeded_noise
+from sampling import balanced_labels, sample_generator, seeded_noise
 
 CLASSIFIER_FEATURES = "dmd-classifier"
 
@@ -166,10 +166,11 @@ def scores(f, f_ref):
                 precision=prc["precision"], recall=prc["recall"])
 
 
-def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, device):
+def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device):
     """A cheap quality probe for training, or None where `evaluate.py --prepare` has not made the classifier yet: FID
-    and class accuracy of `num_samples` one-step images on fixed seeds (disjoint from the pairs' and evaluation's),
-    against the real images `real`, on the classifier's features, the way evaluate.py computes them."""
+    and class accuracy of `num_samples` images of the generator (at its `timesteps`) on fixed seeds (disjoint from
+    the pairs' and evaluation's), against the real images `real`, on the classifier's features, the way evaluate.py
+    computes them."""
     if not os.path.isfile(os.path.join(classifier_dir, "config.json")):
         print(f"notice: no {classifier_dir}; quality probe off (make it with `python evaluate.py --prepare`)",
               file=sys.stderr)
@@ -178,13 +179,14 @@ def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, devi
     clf = Classifier.from_pretrained(classifier_dir).eval()
     x_real = torch.stack([real[i][0] for i in range(min(len(real), 10000))])
     ref = fid_features_to_statistics(extract(fe, layer, x_real, False, device).double())
-    z = seeded_noise(range(num_samples), shape, seed)
+    noise = seeded_noise(range(num_samples), shape, seed, len(timesteps))
     y = balanced_labels(range(num_samples), num_classes)
 
     @torch.no_grad()
     def probe(net_g):
-        x = torch.cat([one_step(net_g, zc.to(device), yc.to(device) if yc is not None else None).cpu()
-                       for zc, yc in zip(z.split(250), y.split(250) if y is not None else [None] * len(z.split(250)))])
+        x = torch.cat([sample_generator(net_g, noise[..., i:i + 250, :, :, :].to(device),
+                                        y[i:i + 250].to(device) if y is not None else None, timesteps).cpu()
+                       for i in range(0, num_samples, 250)])
         fid = fid_statistics_to_metric(fid_features_to_statistics(extract(fe, layer, x, False, device).double()), ref,
                                        False)["frechet_inception_distance"]
         row = dict(probe_fid=float(fid))

@@ -10,6 +10,7 @@ same flat layout as the hub's google/ddpm-cifar10-32.
 """
 import copy
 import hashlib
+import math
 import os
 import socket
 
@@ -20,12 +21,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from einops.layers.torch import Rearrange
 
 from cli import UserError
-from files import TEACHER, save_folder
+from files import TEACHER, atomic, load_json, save_folder, write_json
 from recipes import PRESETS
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+GENERATOR_CONFIG = "generator.json"  # in a student's folder: the timesteps of its K steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,12 +73,15 @@ class ContextUnet(ModelMixin, ConfigMixin):
 
     Time t/T and the one-hot class go through small MLPs; the class embedding scales and the time
     embedding shifts the up-path features. Label `n_classes` is the "null" label of classifier-free
-    guidance: its one-hot row is all zeros.
+    guidance: its one-hot row is all zeros. `num_class_embeds` (= n_classes + 1, the null label included) and
+    `return_dict` are what diffusers pipelines read from a UNet.
     """
 
     @register_to_config
-    def __init__(self, in_channels=1, n_feat=128, n_classes=10, sample_size=28, num_train_timesteps=400):
+    def __init__(self, in_channels=1, n_feat=128, n_classes=10, sample_size=28, num_train_timesteps=400,
+                 num_class_embeds=None):
         super().__init__()
+        self.register_to_config(num_class_embeds=n_classes + 1)
         n = n_feat
         self.init_conv = ResidualConvBlock(in_channels, n, is_res=True)
         self.down1 = UnetDown(n, n)
@@ -90,20 +96,58 @@ class ContextUnet(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(nn.Conv2d(2 * n, n, 3, 1, 1), nn.GroupNorm(8, n), nn.ReLU(),
                                  nn.Conv2d(n, in_channels, 3, 1, 1))
 
-    def forward(self, sample, timestep, class_labels=None):
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
         B, n = sample.shape[0], self.config.n_feat
         if class_labels is None:  # unconditional = the null label
             class_labels = torch.full((B,), self.config.n_classes, device=sample.device)
         c = F.one_hot(class_labels.long(), self.config.n_classes + 1)[:, :-1].to(sample.dtype)
         t = torch.as_tensor(timestep, device=sample.device).expand(B).to(sample.dtype)
         t = (t / self.config.num_train_timesteps)[:, None]
-        x = self.init_conv(sample)
-        down1 = self.down1(x)
-        down2 = self.down2(down1)
+        x, down1, down2 = self.encode(sample)
         up1 = self.up0(self.to_vec(down2))
         up2 = self.up1(self.contextembed1(c).view(B, 2 * n, 1, 1) * up1 + self.timeembed1(t).view(B, 2 * n, 1, 1), down2)
         up3 = self.up2(self.contextembed2(c).view(B, n, 1, 1) * up2 + self.timeembed2(t).view(B, n, 1, 1), down1)
-        return UNet2DOutput(sample=self.out(torch.cat((up3, x), 1)))
+        out = self.out(torch.cat((up3, x), 1))
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+
+    def encode(self, sample):
+        """The down path: (x 28x28, down1 14x14, down2 7x7, the bottleneck). It sees neither t nor the class: both
+        enter on the way up."""
+        x = self.init_conv(sample)
+        down1 = self.down1(x)
+        return x, down1, self.down2(down1)
+
+
+class DiscriminatorHead(nn.Module):
+    """DMD2's GAN classifier on µfake's bottleneck features (B, C, h, w) -> one realism logit per image. DMD2's head
+    (conv 4x4/2, GroupNorm, SiLU, conv 4x4/4, GroupNorm, SiLU, conv 1x1) is made for an 8x8 bottleneck; this one
+    takes any size: conv 3x3, GroupNorm, SiLU, conv 4x4/2, GroupNorm, SiLU, global average pool, linear. For
+    class-conditional teachers a class projection is added (Miyato & Koyama 2018): logit = w·φ + <embed(y), φ>, so
+    that the head judges "a real 7", not "a real digit" - ContextUnet's down path never sees the label."""
+
+    def __init__(self, channels, num_classes=0):
+        super().__init__()
+        groups = math.gcd(32, channels)
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+                                  nn.Conv2d(channels, channels, 4, stride=2, padding=1), nn.GroupNorm(groups, channels),
+                                  nn.SiLU(), nn.AdaptiveAvgPool2d(1), Rearrange("b c 1 1 -> b c"))
+        self.out = nn.Linear(channels, 1)
+        self.embed = nn.Embedding(num_classes, channels) if num_classes else None
+
+    def forward(self, h, y=None):
+        phi = self.body(h)  # (B, C)
+        logit = self.out(phi).squeeze(1)
+        if self.embed is not None and y is not None:
+            logit = logit + (self.embed(y) * phi).sum(1)
+        return logit
+
+
+def bottleneck_channels(backbone):
+    """Channels of the features Denoiser.bottleneck returns."""
+    if isinstance(backbone, ContextUnet):
+        return 2 * backbone.config.n_feat
+    return backbone.config.block_out_channels[-1]
 
 
 class Classifier(ModelMixin, ConfigMixin):
@@ -143,16 +187,55 @@ CELEBA_UNET = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_blo
                    down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 
-def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None):
-    """A fresh (untrained) backbone and its DDPM scheduler. `unet` overrides the UNet2DModel config."""
+def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shape=None, num_classes=0):
+    """A fresh (untrained) backbone and its DDPM scheduler. `unet` overrides the UNet2DModel config. "custom": a
+    small UNet2DModel (CelebA's) for images of `shape` (C, H, W), class-conditional when `num_classes` > 0 through
+    num_class_embeds = num_classes + 1, the last being the null label of classifier-free guidance."""
     spec = PRESETS[dataset]
+    T, beta_end = spec["T"] or 1000, spec.get("beta_end", 0.02)
     if dataset == "mnist":
-        backbone = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=10, sample_size=28, num_train_timesteps=spec["T"])
+        backbone = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=10, sample_size=28, num_train_timesteps=T)
+    elif dataset == "custom":
+        config = dict(CELEBA_UNET, sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0],
+                      num_class_embeds=num_classes + 1 if num_classes else None)
+        backbone = UNet2DModel(**{**config, **(unet or {})})
+        if num_classes:
+            backbone.register_to_config(_null_class_label=num_classes)  # private: diffusers keeps it and ignores it
     else:
         backbone = UNet2DModel(**{**(CIFAR10_UNET if dataset == "cifar10" else CELEBA_UNET), **(unet or {})})
-    scheduler = DDPMScheduler(num_train_timesteps=spec["T"], beta_start=1e-4, beta_end=spec["beta_end"],
+    scheduler = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=beta_end,
                               beta_schedule="linear", prediction_type=prediction_type, clip_sample=True)
     return backbone, scheduler
+
+
+def class_labels_of(backbone):
+    """(number of real classes, the null label that classifier-free guidance needs, or None) of a backbone.
+    ContextUnet: n_classes, null = n_classes. UNet2DModel: num_class_embeds; a teacher trained here with label
+    dropout also carries `_null_class_label` in its config (the last embedding); others have no null label."""
+    c = backbone.config
+    if isinstance(backbone, ContextUnet):
+        return c.n_classes, c.n_classes
+    n, null = c.get("num_class_embeds") or 0, c.get("_null_class_label")
+    return (n - 1, null) if null is not None else (n, None)
+
+
+def teacher_spec(den):
+    """What a teacher makes, from its own config: image shape (C, H, W), number of classes, whether it can be guided
+    (has a null class), number of training timesteps T."""
+    return dict(shape=den.shape, num_classes=den.num_classes, guidable=den.null_label is not None, T=den.T)
+
+
+def check_guidance(den, s, source):
+    """Classifier-free guidance needs the teacher's unconditional (null) class."""
+    if s != 1.0 and den.null_label is None:
+        raise UserError(f"--guidance {s} needs a teacher with an unconditional (null) class; '{source}' has none: drop "
+                        f"--guidance, or train the teacher with label dropout (train_teacher.py --label-dropout)")
+
+
+def image_shape(backbone):
+    """(C, H, W) of the images a backbone makes, from its own config."""
+    size = backbone.config.sample_size
+    return (backbone.config.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
 
 
 BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel}
@@ -163,10 +246,75 @@ def save_teacher(backbone, scheduler, folder):
     save_folder(folder, backbone, scheduler)
 
 
+def save_student(backbone, scheduler, folder, timesteps):
+    """A student: the teacher's folder layout plus generator.json, the generator's timesteps (K = their number), so
+    that sampling, evaluation and the pipeline export run it at the timesteps it was trained for."""
+    save_folder(folder, backbone, scheduler)
+    write_json(dict(timesteps=[int(t) for t in timesteps]), os.path.join(folder, GENERATOR_CONFIG))
+
+
+def save_pipeline(backbone, scheduler, folder, timesteps, card):
+    """The student as a diffusers pipeline that `DiffusionPipeline.from_pretrained(folder)` loads with diffusers and
+    torch alone (a ContextUnet student: with this repository's models.py importable): ConsistencyModelPipeline, a
+    few-step generator pipeline that passes class labels to its UNet, with a scheduler that runs the student at its
+    timesteps. One step: DDIM with trailing spacing (its one step is t = T-1 and returns x̂0). K steps: LCM, whose
+    multistep sampling re-noises x̂0 with fresh noise exactly as sampling.sample_generator does (its timesteps are
+    generator_timesteps'; intermediate x̂0 are not clipped, as here). `card` is the folder's README.md."""
+    from diffusers import ConsistencyModelPipeline, DDIMScheduler, LCMScheduler
+    if len(timesteps) == 1:
+        sched = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
+    else:
+        sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=len(timesteps), clip_sample=False)
+    save_folder(folder, ConsistencyModelPipeline(unet=backbone, scheduler=sched))
+    with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w") as f:
+        f.write(card)
+
+
+def model_card(config, report=None):
+    """README.md of an exported student: what it is, its teacher and recipe, how to run it, its evaluation if any."""
+    K, classes = len(config["generator_timesteps"]), config.get("num_classes", 0)
+    flags = " ".join(f"--{k.replace('_', '-')} {config[k]}" for k in (
+        "lr", "batch_size", "gen_every", "guidance", "reg_weight", "gan_weight", "gan_disc_weight", "gan_t_max",
+        "generator_steps") if k in config)
+    labels = f"class_labels=list(range({min(classes, 8)})), " if classes else ""
+    lines = [f"# A {K}-step image generator distilled with {'DMD2' if config['reg_weight'] == 0 else 'DMD'}", "",
+             f"- teacher: `{config['teacher']}` (weights sha256 {config['teacher_hash']}), {config['prediction_type']}, "
+             f"T = {config['T']}; the generator runs at timesteps {config['generator_timesteps']}",
+             f"- data: {config['dataset']}" + (f" ({config['data_dir']})" if config.get("data_dir") else ""),
+             f"- recipe: `distill.py {flags}`, {config.get('steps_done', '?')} steps", "",
+             "```python", "import torch", "from diffusers import DiffusionPipeline",
+             "pipe = DiffusionPipeline.from_pretrained(\"PATH/TO/THIS/FOLDER\")  # a ContextUnet: run from the repository",
+             f"images = pipe(batch_size={min(classes, 8) or 8}, {labels}num_inference_steps={K}, "
+             f"generator=[torch.Generator().manual_seed(i) for i in range({min(classes, 8) or 8})]).images", "```"]
+    if report:
+        lines += ["", f"Evaluation ({report['num_samples']} samples on held-out seeds, {report['feature_extractor']}, "
+                      f"{report['device']}):", "", "| model | NFE | FID | precision | recall | class accuracy |", "|---|---|---|---|---|---|"]
+        for r in report["rows"]:
+            acc = "-" if r.get("class_accuracy") is None else f"{r['class_accuracy']:.1%}"
+            lines.append(f"| {r['model']} | {r['nfe'] or '-'} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {acc} |")
+    return "\n".join(lines) + "\n"
+
+
+def student_timesteps(folder, T):
+    """The generator's timesteps saved with a student; a folder without them (a teacher) is read at T-1, one step."""
+    path = os.path.join(folder, GENERATOR_CONFIG)
+    return load_json(path)["timesteps"] if os.path.isfile(path) else [T - 1]
+
+
+def pipeline_subfolder(source):
+    """"unet" where `source` is a pipeline folder (model_index.json, unet/, scheduler/), else None (a model folder)."""
+    return "unet" if os.path.isfile(os.path.join(source, "model_index.json")) else None
+
+
 def load_teacher(source):
-    """(backbone, scheduler) from a local folder or a hub id, in eval mode on the CPU."""
+    """(backbone, scheduler) from a model folder (the backbone's config + weights + scheduler_config.json), a pipeline
+    folder (unet/ + scheduler/, as DDPMPipeline.save_pretrained writes it) or a hub id, in eval mode on the CPU."""
+    sub = pipeline_subfolder(source) if os.path.isdir(source) else None
     if os.path.isdir(source):
-        if not any(os.path.isfile(os.path.join(source, f)) for f in WEIGHT_FILES):
+        if sub and not os.path.isdir(os.path.join(source, sub)):
+            raise UserError(f"pipeline folder '{source}' has no unet/: pass the folder that DDPMPipeline.save_pretrained "
+                            f"wrote (model_index.json, unet/, scheduler/) or a model folder")
+        if not any(os.path.isfile(os.path.join(source, sub or "", f)) for f in WEIGHT_FILES):
             raise UserError(f"teacher folder '{source}' has no {WEIGHT_FILES[0]}: train one with "
                             f"`python train_teacher.py` or pass --teacher FOLDER holding a saved teacher")
     elif os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
@@ -176,13 +324,13 @@ def load_teacher(source):
         raise UserError(f"hub id '{source}' cannot be fetched without network: download it where there is a network "
                         f"(`hf download {source} --local-dir DIR`) and pass --teacher DIR")
     try:
-        config = BACKBONES["UNet2DModel"].load_config(source)
+        config = BACKBONES["UNet2DModel"].load_config(source, subfolder=sub)
         cls = BACKBONES.get(config.get("_class_name"))
         if cls is None:
             raise UserError(f"teacher '{source}' is a {config.get('_class_name')}; supported backbones: "
                             f"{', '.join(BACKBONES)}")
-        backbone = cls.from_pretrained(source)
-        scheduler = DDPMScheduler.from_pretrained(source)
+        backbone = cls.from_pretrained(source, subfolder=sub)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler" if sub else None)
     except UserError:
         raise
     except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
@@ -220,18 +368,17 @@ def hub_cached(source):
 
 
 def check_image_shape(backbone, dataset, source):
-    """A teacher must make images of the dataset's shape."""
-    c = backbone.config
-    size = c.sample_size if isinstance(c.sample_size, (tuple, list)) else (c.sample_size,) * 2
-    got, want = (c.in_channels, *size), PRESETS[dataset]["shape"]
-    if tuple(got) != tuple(want):
+    """A teacher must make images of the preset's shape (a custom run takes the teacher's)."""
+    got, want = image_shape(backbone), PRESETS[dataset]["shape"]
+    if want is not None and tuple(got) != tuple(want):
         raise UserError(f"teacher '{source}' makes {'x'.join(map(str, got))} images but {dataset} is "
                         f"{'x'.join(map(str, want))}: pass the --dataset it was trained on, or a teacher for {dataset}")
 
 
 def weights_hash(source):
     """sha256 (first 16 hex digits) of a teacher's weight file: pairs and students name their teacher by it."""
-    path = next((os.path.join(source, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(source, f))), None)
+    folder = os.path.join(source, pipeline_subfolder(source) or "") if os.path.isdir(source) else source
+    path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
     if path is None:  # a hub id: hash the cached file
         from huggingface_hub import hf_hub_download
         path = hf_hub_download(source, "diffusion_pytorch_model.safetensors")
@@ -246,29 +393,61 @@ def weights_hash(source):
 # Denoiser: a teacher seen as x_t -> x̂0, with classifier-free guidance
 # ---------------------------------------------------------------------------------------------
 class Denoiser(nn.Module):
-    """Wraps a backbone and its schedule. `x0(x_t, t, y, s)` is the teacher's estimate of the clean image."""
+    """Wraps a backbone and its schedule. `x0(x_t, t, y, s)` is the teacher's estimate of the clean image. µfake
+    also carries DMD2's GAN head (`head`), so that one optimiser and one data-parallel wrapper hold both."""
 
-    def __init__(self, backbone, scheduler):
+    def __init__(self, backbone, scheduler, head=None):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.head = backbone, head
         self.scheduler_config = scheduler.config
         self.prediction_type = scheduler.config.prediction_type
         self.T = scheduler.config.num_train_timesteps
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(torch.float64), persistent=False)
-        self.num_classes = getattr(backbone.config, "n_classes", 0)
+        self.num_classes, self.null_label = class_labels_of(backbone)
+        self.shape = image_shape(backbone)
 
-    def forward(self, x_t, t, y=None):
-        """The backbone's raw output (ε, v or x0, by prediction_type); y = None or the null label = unconditional."""
-        return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
+    def forward(self, x_t, t, y=None, realism=False, for_x0=False):
+        """The backbone's raw output (ε, v or x0, by prediction_type); y = None or the null label = unconditional.
+        realism=True: the GAN head's logit on the bottleneck features instead (µfake only).
+        for_x0=True: the output will become x̂0. An ε-teacher's x̂0 multiplies ε̂'s error by √(1-ᾱ_t)/√ᾱ_t (157 at
+        t = T-1 on CIFAR-10's schedule), so under bf16/fp16 autocast the samples where that factor exceeds 1 (ᾱ_t <
+        1/2) are computed in float32; the others, and v- or sample-prediction teachers, keep the autocast dtype."""
+        if realism:
+            return self.head(self.bottleneck(x_t, t, y), y)
+        device = x_t.device.type
+        if not (for_x0 and self.prediction_type == "epsilon" and torch.is_autocast_enabled(device)):
+            return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
+        t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
+        exact = self.alphas_cumprod[t] < 0.5
+        out = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
+        for part, autocast in ((~exact, True), (exact, False)):
+            if part.any():
+                with torch.autocast(device, enabled=autocast):
+                    out[part] = self(x_t[part].float() if not autocast else x_t[part], t[part],
+                                     y[part] if y is not None else None).float()
+        return out
+
+    def bottleneck(self, x_t, t, y=None):
+        """The backbone's bottleneck features (B, C, h, w): ContextUnet's down path alone, or UNet2DModel's
+        mid-block output (through a whole forward: diffusers has no encoder-only call)."""
+        if isinstance(self.backbone, ContextUnet):
+            return self.backbone.encode(x_t)[-1]
+        captured = []
+        hook = self.backbone.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            self(x_t, t, y)
+        finally:
+            hook.remove()
+        return captured[0]
 
     def guided(self, x_t, t, y=None, s=1.0):
         """Classifier-free guidance on the raw output, out_u + s (out_c - out_u); s = 1 means none.
         x̂0 is affine in the output for fixed (x_t, t), so this is the same as guiding x̂0."""
-        if s == 1.0 or not self.num_classes:
-            return self(x_t, t, y)
-        null = torch.full_like(y, self.num_classes)
+        if s == 1.0 or self.null_label is None:
+            return self(x_t, t, y, for_x0=True)
+        null = torch.full_like(y, self.null_label)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
-        out_c, out_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        out_c, out_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]), for_x0=True).chunk(2)
         return out_u + s * (out_c - out_u)
 
     def to_x0(self, x_t, t, out):
@@ -301,11 +480,17 @@ class Denoiser(nn.Module):
         return x0
 
 
-def make_dmd_networks(backbone, scheduler):
-    """netG, µreal, µfake: three copies of µbase. µreal is frozen; all three run in eval mode
+def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0):
+    """netG, µreal, µfake: three copies of µbase (µfake with DMD2's GAN head when `gan_head`, its initial weights
+    drawn from `seed`, so runs repeat and every process starts alike). µreal is frozen; all three run in eval mode
     (dropout off, BatchNorm on running statistics) so an image never depends on its batch."""
     net_g = Denoiser(copy.deepcopy(backbone), scheduler).eval().requires_grad_(True)
-    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler).eval().requires_grad_(True)
+    head = None
+    if gan_head:
+        with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+            torch.manual_seed(seed)
+            head = DiscriminatorHead(bottleneck_channels(backbone), class_labels_of(backbone)[0])
+    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head).eval().requires_grad_(True)
     mu_real = Denoiser(backbone, scheduler).eval().requires_grad_(False)
     return net_g, mu_real, mu_fake
 
@@ -316,6 +501,8 @@ def count_params(model):
 
 if __name__ == "__main__":
     for name, spec in PRESETS.items():
+        if name == "custom":
+            continue
         backbone, scheduler = make_teacher(name)
         c = scheduler.config
         print(f"{name:8s} {type(backbone).__name__:12s} {count_params(backbone):>11,d} params  "

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
 from files import PAIRS, atomic, load_json, write_json
-from models import Denoiser, check_image_shape, default_teacher, load_teacher, weights_hash
+from models import Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, weights_hash
 from recipes import PRESETS, default_guidance, grid_columns
 from sampling import balanced_labels, sample_teacher, seeded_noise
 
@@ -38,11 +38,10 @@ def main():
     p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
     p.add_argument("--overwrite", action="store_true", help="delete pairs made with other settings in <run-dir>/pairs")
     args = parse(p)
-    spec = PRESETS[args.dataset]
-    args.num_pairs = args.num_pairs or spec["num_pairs"]
+    recipe = PRESETS[args.dataset]
+    args.num_pairs = args.num_pairs or recipe["num_pairs"]
     source = args.teacher or default_teacher(args.dataset, args.run_dir)
-    args.guidance = default_guidance(spec["num_classes"]) if args.guidance is None else args.guidance
-    if args.guidance != 1.0 and not spec["num_classes"]:
+    if args.guidance not in (None, 1.0) and recipe["num_classes"] == 0:
         raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     out = os.path.join(args.run_dir, PAIRS)
 
@@ -50,12 +49,14 @@ def main():
     backbone, scheduler = load_teacher(source)
     check_image_shape(backbone, args.dataset, source)
     den = Denoiser(backbone, scheduler).to(accelerator.device).eval()
+    args.guidance = default_guidance(den.null_label is not None) if args.guidance is None else args.guidance
+    check_guidance(den, args.guidance, source)
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     meta = dict(dataset=args.dataset, teacher=source, teacher_hash=weights_hash(source),
                 prediction_type=den.prediction_type, sampler="ddim", eta=0.0, timestep_spacing="trailing",
                 sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed, num_pairs=args.num_pairs,
-                shard_size=args.shard_size, num_shards=n_shards, shape=list(spec["shape"]), dtype="float32",
-                labels="i % num_classes" if spec["num_classes"] else None, num_classes=spec["num_classes"])
+                shard_size=args.shard_size, num_shards=n_shards, shape=list(den.shape), dtype="float32",
+                labels="i % num_classes" if den.num_classes else None, num_classes=den.num_classes)
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         old = load_json(meta_path)
@@ -88,23 +89,23 @@ def main():
         zs, xs = [], []
         for i in range(0, len(idx), args.batch_size):
             batch = idx[i:i + args.batch_size]
-            z = seeded_noise(batch, spec["shape"], args.seed)
-            y = balanced_labels(batch, spec["num_classes"])
+            z = seeded_noise(batch, den.shape, args.seed)
+            y = balanced_labels(batch, den.num_classes)
             x = sample_teacher(den, z.to(accelerator.device), y.to(accelerator.device) if y is not None else None,
                                args.sampling_steps, args.guidance)
             zs.append(z)
             xs.append(x.float().cpu())
             bar.update(len(batch))
         shard = {"noise": torch.cat(zs).contiguous(), "image": torch.cat(xs).contiguous()}
-        if spec["num_classes"]:
-            shard["label"] = balanced_labels(idx, spec["num_classes"])
+        if den.num_classes:
+            shard["label"] = balanced_labels(idx, den.num_classes)
         with atomic(shard_path(out, k)) as tmp:
             save_file(shard, tmp, metadata={"first_index": str(idx[0])})
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and todo:
         first = load_file(shard_path(out, 0))["image"][:80]
-        save_grid(first, os.path.join(out, "preview.png"), nrow=grid_columns(spec["num_classes"]))
+        save_grid(first, os.path.join(out, "preview.png"), nrow=grid_columns(den.num_classes))
         dt = time.time() - t0
         print(f"pairs: {n_todo} written in {dt:.1f} s ({n_todo / dt:.1f} pairs/s, "
               f"{accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}) -> {out}")

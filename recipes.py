@@ -24,13 +24,24 @@ PRESETS = {
         teacher="google/ddpm-cifar10-32",  # [seed] the hub teacher
         num_pairs=4864, lr=1e-6, steps=1520,  # [seed]
     ),
+    "custom": dict(  # your own teacher (--teacher, any diffusers UNet) and images (--data-dir): no --dataset
+        shape=None, num_classes=None, T=None,  # read from the teacher's own config
+        teacher=None,  # --teacher is required
+        num_pairs=12800, lr=5e-6, steps=2000,  # [seed] the MNIST / CelebA row
+    ),
 }
 
 
-def default_guidance(num_classes):
-    """Classifier-free guidance scale s when none is given: 2 for class-conditional teachers ([here]: the best
-    FID of s = 2, 3, 4 for the DDIM-25 MNIST teacher, docs/RESULTS.md), 1 (none) for unconditional ones."""
-    return 2.0 if num_classes else 1.0
+def dataset_name(dataset, custom):
+    """--dataset when given; else "custom" when your own teacher (or, to train one, image size) is given: shape,
+    classes and schedule then come from the teacher; else the embedded default, MNIST."""
+    return dataset or ("custom" if custom else "mnist")
+
+
+def default_guidance(guidable):
+    """Classifier-free guidance scale s when none is given: 2 for teachers with an unconditional (null) class,
+    1 (none) for the others."""
+    return 2.0 if guidable else 1.0
 
 
 def grid_columns(num_classes):

@@ -2,7 +2,7 @@
 
     python sample.py --model teacher --sampling-steps 25       # DDIM-25 (eta 0); --full-ddpm for all T steps
     python sample.py --model onestep-teacher                   # G(z) = x̂0 of the teacher at t = T-1
-    python sample.py --model student --out runs/mnist/samples  # the distilled one-step generator
+    python sample.py --model student --out runs/mnist/samples  # the distilled generator (its K steps)
 
 Sample i uses noise seed seed+i and (class-conditional) label i % 10, so every model sees the same inputs.
 Writes a PNG grid; with --out DIR also DIR/samples.npz (uint8 images N x H x W x C, labels).
@@ -16,9 +16,9 @@ from einops import rearrange
 from cli import UserError, number, parse, run, script_parser
 from data import save_grid, to_uint8
 from files import DMD, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic
-from models import Denoiser, check_image_shape, default_teacher, load_teacher
+from models import Denoiser, check_image_shape, default_teacher, load_teacher, student_timesteps
 from recipes import default_guidance, grid_columns
-from sampling import generate, one_step, sample_teacher
+from sampling import generate, sample_generator, sample_teacher
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema", "student-best")
 
@@ -40,13 +40,15 @@ def main():
     backbone, scheduler = load_teacher(source)
     check_image_shape(backbone, args.dataset, source)
     den = Denoiser(backbone, scheduler).to(args.device).eval()
-    args.guidance = default_guidance(den.num_classes) if args.guidance is None else args.guidance
+    args.guidance = default_guidance(den.null_label is not None) if args.guidance is None else args.guidance
+    timesteps = student_timesteps(source, den.T)  # [T-1] for the one-step teacher; a student's own K steps
 
-    def sampler(z, y, generator):
+    def sampler(noise, y, generator):
         if args.model == "teacher":
-            return sample_teacher(den, z, y, args.sampling_steps, args.guidance, args.full_ddpm, generator)
-        return one_step(den, z, y)
-    images, labels, _ = generate(den, sampler, range(args.num_samples), args.seed, args.batch_size, args.device)
+            return sample_teacher(den, noise, y, args.sampling_steps, args.guidance, args.full_ddpm, generator)
+        return sample_generator(den, noise, y, timesteps)
+    images, labels, _ = generate(den, sampler, range(args.num_samples), args.seed, args.batch_size, args.device,
+                                 draws=1 if args.model == "teacher" else len(timesteps))
     out = args.out or os.path.join(args.run_dir, "samples")
     os.makedirs(out, exist_ok=True)
     name = f"{args.model}" + (f"-ddpm{den.T}" if args.full_ddpm else f"-ddim{args.sampling_steps}" if args.model == "teacher" else "")

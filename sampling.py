@@ -37,9 +37,13 @@ def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=N
     return x
 
 
-def seeded_noise(indices, shape, seed):
-    """z_i ~ N(0, I) from its own generator seeded seed + i: sample i never depends on batch or process."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(i))) for i in indices])
+def seeded_noise(indices, shape, seed, draws=1):
+    """z_i ~ N(0, I) from its own generator seeded seed + i: sample i never depends on batch or process.
+    (B, *shape); with draws > 1, (draws, B, *shape): draw d of sample i is the d-th draw of that same generator
+    (z, then the K-step generator's re-noising), as a diffusers pipeline with that generator would draw them."""
+    gens = [torch.Generator().manual_seed(seed + int(i)) for i in indices]
+    noise = torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(draws)]) for g in gens], dim=1)
+    return noise[0] if draws == 1 else noise
 
 
 def balanced_labels(indices, num_classes):
@@ -53,17 +57,40 @@ def one_step(denoiser, z, y=None, s=1.0):
     return denoiser.x0(z, denoiser.T - 1, y, s)
 
 
+def generator_timesteps(T, K):
+    """The K-step generator's timesteps, evenly spaced from T-1: t_k = (K - k) (T // K) - 1, k = 0..K-1. DMD2's
+    999, 749, 499, 249 for T = 1000 and K = 4; the same as diffusers' LCMScheduler with original_inference_steps K.
+    K = 1: T-1, the one-step generator."""
+    return [(K - k) * (T // K) - 1 for k in range(K)]
+
+
 @torch.no_grad()
-def generate(den, sample, indices, seed, batch_size, device="cpu", desc="sampling"):
-    """Images in [-1, 1] (CPU), labels (or None) and seconds per batch for sample indices: noise seed+i, label
-    i % num_classes. `sample(z, y, generator)` makes a batch: one_step, sample_teacher, ... (`generator` for
-    samplers that draw noise along the way, seeded by the batch's first sample)."""
+def sample_generator(den, noise, y, timesteps):
+    """The K-step generator (K = len(timesteps)): x = z; for each step x̂0 = G(x, t_k, y), then x = the x̂0 noised to
+    t_{k+1} with fresh noise (DMD2); the last x̂0 is the image. K network evaluations.
+    noise: (B, C, H, W) for K = 1, else (K, B, C, H, W) = z then the re-noising draws (seeded_noise(..., draws=K))."""
+    noise = noise[None] if noise.dim() == 4 else noise
+    x = noise[0]
+    for k, t in enumerate(timesteps):
+        t = torch.full((len(x),), t, device=x.device)
+        x0 = den.x0(x, t, y)
+        if k + 1 < len(timesteps):
+            x = den.add_noise(x0, noise[k + 1], torch.full_like(t, timesteps[k + 1]))
+    return x0
+
+
+@torch.no_grad()
+def generate(den, sample, indices, seed, batch_size, device="cpu", desc="sampling", draws=1):
+    """Images in [-1, 1] (CPU), labels (or None) and seconds per batch for sample indices: noise seed+i (`draws`
+    draws of it, for the K-step generator), label i % num_classes. `sample(noise, y, generator)` makes a batch:
+    one_step, sample_teacher, sample_generator (`generator` for samplers that draw noise along the way, seeded by the
+    batch's first sample)."""
     images, labels, seconds = [], [], []
     indices = list(indices)
     shape = (den.backbone.config.in_channels, *(den.backbone.config.sample_size,) * 2)
     for i in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
         idx = indices[i:i + batch_size]
-        z, y = seeded_noise(idx, shape, seed).to(device), balanced_labels(idx, den.num_classes)
+        z, y = seeded_noise(idx, shape, seed, draws).to(device), balanced_labels(idx, den.num_classes)
         y_dev = y.to(device) if y is not None else None
         sync(device)
         t0 = time.perf_counter()

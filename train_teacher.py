@@ -38,7 +38,11 @@ def main():
     p.add_argument("--warmup-steps", type=number(int, 0, inclusive=True), default=0, help="linear warm-up steps")
     p.add_argument("--n-feat", type=number(int, 0), default=128, help="MNIST ContextUnet width (128 = the seed's 6.6M params)")
     p.add_argument("--unet-config", type=json.loads, default=None,
-                   help="JSON overriding the CelebA/CIFAR-10 UNet2DModel config, e.g. a tiny one for tests")
+                   help="JSON overriding the UNet2DModel config (CelebA's, CIFAR-10's, or a custom run's), e.g. a tiny one for tests")
+    p.add_argument("--image-size", type=number(int, 0), default=None,
+                   help="your own images (--data-dir, no --dataset): the teacher's square size; class subfolders make "
+                        "it class-conditional (label dropout gives the null class for guidance)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="your own images: grey (1) or RGB (3)")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                    help="what the backbone predicts; v gives clean one-step images before distillation")
     p.add_argument("--label-dropout", type=number(float, 0, inclusive=True), default=0.1,
@@ -54,8 +58,7 @@ def main():
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/teacher/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished teacher in <run-dir>/teacher/")
     args = parse(p)
-    spec = PRESETS[args.dataset]
-    args.guidance = default_guidance(spec["num_classes"]) if args.guidance is None else args.guidance
+    shape = PRESETS[args.dataset]["shape"] or (args.channels, args.image_size, args.image_size)
     out = os.path.join(args.run_dir, TEACHER)
     state_path = os.path.join(out, STATE)
     check_run_folder(out, args.resume, args.overwrite, "a teacher", finished="train_config.json")
@@ -64,10 +67,12 @@ def main():
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
-    dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process)
+    dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process, shape=shape)
     torch.manual_seed(args.seed)  # the initial weights
-    backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config)
+    backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config, shape,
+                                       len(getattr(dataset, "classes", [])))
     model = Denoiser(backbone, scheduler).to(accelerator.device)
+    args.guidance = default_guidance(model.null_label is not None) if args.guidance is None else args.guidance
     # EMA of the parameters; BatchNorm statistics are recomputed for the averaged weights at the end (refresh_batchnorm)
     ema = AveragedModel(model.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -90,7 +95,7 @@ def main():
     model, opt = accelerator.prepare(model, opt)
     den = accelerator.unwrap_model(model)
     config = dict(vars(args), num_processes=world, params=sum(p.numel() for p in backbone.parameters()),
-                  total_steps=total, shape=spec["shape"])
+                  total_steps=total, shape=shape, classes=getattr(dataset, "classes", None))
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         print("config:", config)
@@ -115,7 +120,8 @@ def main():
             eps = torch.randn((Bg, *x0.shape[1:]), generator=gen)[mine].to(x0.device)
             t = torch.randint(0, T, (Bg,), generator=gen)[mine].to(x0.device)
             drop = (torch.rand(Bg, generator=gen) < args.label_dropout)[mine].to(x0.device)
-            y = torch.where(drop, torch.full_like(y, den.num_classes), y)  # the null label
+            if den.null_label is not None:
+                y = torch.where(drop, torch.full_like(y, den.null_label), y)  # the null label
             with accelerator.autocast():
                 loss = denoising_loss(model(den.add_noise(x0, eps, t), t, y), den.target(x0, eps, t))
             if not torch.isfinite(loss):
@@ -149,7 +155,7 @@ def main():
         n_classes = den.num_classes
         rows = n_classes or 8
         g = torch.Generator().manual_seed(args.seed)
-        z = torch.randn((rows * 8, *spec["shape"]), generator=g).to(accelerator.device)
+        z = torch.randn((rows * 8, *shape), generator=g).to(accelerator.device)
         y = torch.arange(rows, device=z.device).repeat_interleave(8) if n_classes else None
         x = sample_teacher(den, z, y, args.sampling_steps, args.guidance if n_classes else 1.0, progress=True)
         save_grid(x, os.path.join(out, "samples.png"), nrow=8)

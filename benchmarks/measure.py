@@ -67,29 +67,32 @@ def teacher_forward(den, z, y):
 
 class DMDStep:
     """One step of dmd.py with distill.py's defaults (µreal guided by recipes.default_guidance, the regression loss
-    on a batch of pairs, pseudo-Huber as where LPIPS's trunk cannot be downloaded), with `den` (the dataset's
-    teacher) as µbase. `extra` are distill.py flags, e.g. ["--reg-weight", "0"]."""
+    on a batch of pairs, pseudo-Huber as where LPIPS's trunk cannot be downloaded), with `den` (a teacher) as µbase.
+    `extra` are distill.py flags, e.g. ["--reg-weight", "0"] or ["--gan-weight", "3e-2"]."""
 
-    def __init__(self, dataset, den, B, extra=()):
-        spec = PRESETS[dataset]
-        self.shape, self.num_classes, self.dev = spec["shape"], spec["num_classes"], DEV
-        net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, DDPMScheduler.from_config(den.scheduler_config))
+    def __init__(self, den, B, extra=()):
+        self.shape, self.num_classes, self.dev = den.shape, den.num_classes, DEV
+        self.args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(list(extra))
+        net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, DDPMScheduler.from_config(den.scheduler_config),
+                                                    gan_head=self.args.gan_weight > 0)
         self.nets = dmd.Networks(net_g.to(DEV), mu_real.to(DEV), mu_fake.to(DEV), pseudo_huber)
         self.opt_g = torch.optim.AdamW(net_g.parameters(), 1e-6)
         self.opt_fake = torch.optim.AdamW(mu_fake.parameters(), 1e-6)
-        self.args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(list(extra))
         self.args.batch_size, self.args.seed = B, 0
-        self.args.guidance = default_guidance(self.num_classes)
+        self.args.guidance = default_guidance(mu_real.null_label is not None)
         self.pairs = None if self.args.reg_weight == 0 else (
             torch.randn(B, *self.shape), torch.rand(B, *self.shape) * 2 - 1,
             torch.arange(B) % self.num_classes if self.num_classes else None)
+        labels = torch.arange(2 * B) % self.num_classes if self.num_classes else torch.zeros(2 * B, dtype=torch.long)
+        self.real = (torch.utils.data.TensorDataset(torch.rand(2 * B, *self.shape) * 2 - 1, labels)
+                     if dmd.needs_real_images(self.args) else None)  # GAN head / K-step inputs: random "real" images
         self.accelerator = Accelerator(cpu=DEV == "cpu")
         self.gen = torch.Generator().manual_seed(0)
 
     def __call__(self):
         """One whole step, the generator update included (step 0 of --gen-every)."""
         b = dmd.draw_batch(self.gen, 0, self.args, self.shape, self.num_classes, self.nets.net_g.T, self.pairs,
-                           device=self.dev)
+                           self.real, device=self.dev)
         dmd.dmd_step(0, self.nets, self.opt_g, self.opt_fake, b, self.args, self.accelerator)
         sync()
 

@@ -18,10 +18,10 @@ def main(path):
     for e in latency:
         print(f"| {e['dataset']} | {e['batch']} | {e['ms_per_image']:.3f} | {e['teacher_ms_per_image']:.1f} ({e['teacher_steps']}, "
               f"scaled from {e['teacher_measured_steps']}) | {e['speedup_vs_teacher']:.0f}x | {e['peak_mem_mb']:.0f} ({e['mem_kind']}) |")
-    print("\n| dataset | batch | DMD step ms | teacher forward ms | step / forward | step peak MB | teacher train step peak MB | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| dataset | step | batch | DMD step ms | teacher forward ms | step / forward | step peak MB | teacher train step peak MB | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for e in steps:
-        print(f"| {e['dataset']} | {e['batch']} | {e['step_ms']:.0f} | {e['teacher_forward_ms']:.0f} | {e['step_vs_teacher_forward']:.1f}x | "
+        print(f"| {e['dataset']} | {e.get('recipe', 'dmd')} | {e['batch']} | {e['step_ms']:.0f} | {e['teacher_forward_ms']:.0f} | {e['step_vs_teacher_forward']:.1f}x | "
               f"{e['peak_mem_mb']:.0f} | {e['teacher_train_step_peak_mem_mb']:.0f} | {e['mem_vs_teacher_train_step']:.1f}x |")
 
 

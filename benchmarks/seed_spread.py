@@ -19,7 +19,7 @@ METRICS = ("fid", "ratio", "gap_closed", "kid", "precision", "recall", "class_ac
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", default="runs/mnist", help="a finished run: teacher/, pairs/, classifier/")
+    p.add_argument("--run-dir", default="runs/mnist", help="a finished run: teacher/, classifier/ (and pairs/ if the recipe uses them)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distill.py --seed values")
     p.add_argument("--eval-flags", default="--num-samples 1000", help="evaluate.py flags (quoted)")
     p.add_argument("distill_flags", nargs=argparse.REMAINDER, help="after --: distill.py flags, e.g. the Makefile's DISTILL_FLAGS")
@@ -30,9 +30,9 @@ def main():
     for seed in args.seeds:
         d = os.path.join(spread, f"seed{seed}")
         os.makedirs(d, exist_ok=True)
-        for sub in ("teacher", "pairs", "classifier"):
+        for sub in ("teacher", "pairs", "classifier"):  # pairs only where the run has them (DMD2 needs none)
             link = os.path.join(d, sub)
-            if not os.path.exists(link):
+            if os.path.exists(os.path.join(args.run_dir, sub)) and not os.path.lexists(link):
                 os.symlink(os.path.abspath(os.path.join(args.run_dir, sub)), link)
         if not os.path.exists(os.path.join(d, "dmd", "summary.json")):
             resume = ["--resume"] if os.path.exists(os.path.join(d, "dmd", "train_state.pt")) else ["--overwrite"]

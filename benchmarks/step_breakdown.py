@@ -20,7 +20,7 @@ from measure import DEV, DMDStep, device_name, inputs, networks, teacher_forward
 from recipes import PRESETS  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--dataset", default="mnist", choices=list(PRESETS))
+p.add_argument("--dataset", default="mnist", choices=[name for name in PRESETS if name != "custom"])
 p.add_argument("--batch-size", type=number(int, 0), default=64, help="the benchmarks' batch")
 p.add_argument("--repeats", type=number(int, 0), default=3, help="timed steps (a CIFAR-10 step takes minutes on a small CPU)")
 args, dmd_flags = p.parse_known_args()
@@ -28,7 +28,7 @@ keep_freed_memory()
 
 den = networks(args.dataset)
 z, y = inputs(args.dataset, args.batch_size)
-step = DMDStep(args.dataset, den, args.batch_size, dmd_flags)
+step = DMDStep(den, args.batch_size, dmd_flags)
 phases, forwards, wholes = {}, [], []
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
 for i in range(args.repeats + 1):

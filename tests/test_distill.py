@@ -56,6 +56,27 @@ def test_resume_reaches_the_same_weights(mnist_run, tmp_path):
     assert [json.loads(l)["step"] for l in open(b / "dmd" / "stats.jsonl")] == [1, 2, 3, 4, 5]
 
 
+def test_dmd2_needs_no_pairs_and_resumes_exactly(mnist_run, tmp_path):
+    """DMD2: no pairs folder at all, a GAN head on real images, a 2-step generator with backward simulation; a run
+    stopped after its first step and resumed reaches the uninterrupted run's weights bit for bit."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        shutil.copytree(mnist_run / "teacher", d / "teacher")  # and no pairs/
+    args = ["--steps", 4, "--ckpt-every", 2, "--sample-every", 2, "--reg-weight", 0, "--gan-weight", 1e-2,
+            "--generator-steps", 2, "--backward-simulation", "--gen-every", 2, *FAST]
+    run("distill.py", "--run-dir", a, *args)
+    run("distill.py", "--run-dir", b, *args, "--max-minutes", 1e-9)
+    run("distill.py", "--run-dir", b, *args, "--resume")
+    sa, sb = (torch.load(x / "dmd" / "train_state.pt", weights_only=True) for x in (a, b))
+    for key in ("net_g", "mu_fake", "gan_head"):
+        assert sa[key] and all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
+    assert read_json(a / "dmd" / "student" / "generator.json") == {"timesteps": [399, 199]}
+    rows = [json.loads(line) for line in open(a / "dmd" / "stats.jsonl")]
+    assert all(row["loss_reg"] == 0 for row in rows if "loss_reg" in row) and "loss_disc" in rows[-1]
+    run("sample.py", "--run-dir", a, "--model", "student", "--num-samples", 4, "--out", a / "s")
+    assert (a / "s" / "samples.npz").is_file()
+
+
 def test_refuses_pairs_from_another_teacher_or_guidance(mnist_run, tmp_path):
     d = fresh_run(mnist_run, tmp_path)
     r = run("distill.py", "--run-dir", d, "--steps", 1, "--guidance", 3, *FAST, check=False)

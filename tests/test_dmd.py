@@ -9,7 +9,8 @@ from conftest import TINY_N_FEAT
 
 import dmd
 from losses import pseudo_huber
-from models import make_dmd_networks, make_teacher
+from models import Denoiser, make_dmd_networks, make_teacher
+from sampling import generator_timesteps, one_step, sample_generator, seeded_noise
 
 
 def setup(gen_every=1, seed=0):
@@ -48,14 +49,26 @@ def test_one_step_updates_what_it_must(step, g_updated):
     assert set(g_stats) == ({"loss_dm", "loss_reg", "loss_g", "w", "grad_g"} if g_updated else set())
 
 
-def test_batch_is_a_slice_of_the_global_batch():
-    """Two processes with batch B/2 draw exactly the halves of one process's batch B (N x B/N == 1 x B)."""
+@pytest.mark.parametrize("dmd2", [False, True])
+def test_batch_is_a_slice_of_the_global_batch(dmd2):
+    """Two processes with batch B/2 draw exactly the halves of one process's batch B (N x B/N == 1 x B), for DMD's
+    draws (pairs) and DMD2's (real images, generator steps, GAN noise)."""
     _, _, args, pairs = setup()
-    one = dmd.draw_batch(torch.Generator().manual_seed(3), 5, args, (1, 28, 28), 10, 400, pairs)
+    real = None
+    if dmd2:
+        args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(
+            ["--reg-weight", "0", "--gan-weight", "1e-3", "--generator-steps", "3", "--backward-simulation"])
+        args.batch_size, args.seed, pairs = 4, 0, None
+        real = torch.utils.data.TensorDataset(torch.rand(12, 1, 28, 28), torch.arange(12) % 10)
+    one = dmd.draw_batch(torch.Generator().manual_seed(3), 5, args, (1, 28, 28), 10, 400, pairs, real)
+    names = [k for k, v in vars(one).items() if v is not None]
+    assert len(names) == (12 if dmd2 else 9)
     for rank in (0, 1):
-        part = dmd.draw_batch(torch.Generator().manual_seed(3), 5, args, (1, 28, 28), 10, 400, pairs, rank, 2)
-        for name in ("z", "y", "t_dm", "eps_dm", "t_fake", "eps_fake", "z_ref", "x_ref", "y_ref"):
-            assert torch.equal(getattr(part, name), getattr(one, name)[rank::2]), name
+        part = dmd.draw_batch(torch.Generator().manual_seed(3), 5, args, (1, 28, 28), 10, 400, pairs, real, rank, 2)
+        for name in names:
+            whole = getattr(one, name)
+            batch_dim = 1 if name in ("eps_steps", "eps_gan") else 0
+            assert torch.equal(getattr(part, name), whole[rank::2] if batch_dim == 0 else whole[:, rank::2]), name
 
 
 def test_non_finite_loss_stops_before_the_weights_change():
@@ -66,3 +79,67 @@ def test_non_finite_loss_stops_before_the_weights_change():
     with pytest.raises(FloatingPointError, match="loss_g is nan"):
         dmd.dmd_step(0, nets, opt_g, opt_fake, batch, args, Accelerator(cpu=True))
     assert not changed(g, nets.net_g)
+
+
+def dmd2_setup(K=1, backward_simulation=False, gan_weight=3e-3, seed=0):
+    """Tiny networks with DMD2's options: no pairs, GAN head on µfake, K-step generator."""
+    torch.manual_seed(seed)
+    backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=TINY_N_FEAT)
+    net_g, mu_real, mu_fake = make_dmd_networks(backbone.eval(), scheduler, gan_head=gan_weight > 0)
+    nets = dmd.Networks(net_g, mu_real, mu_fake, pseudo_huber)
+    flags = ["--reg-weight", "0", "--gan-weight", str(gan_weight), "--generator-steps", str(K)]
+    args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(flags + ["--backward-simulation"] * backward_simulation)
+    args.guidance, args.batch_size, args.seed = 2.0, 6, 0
+    real = torch.utils.data.TensorDataset(torch.rand(12, 1, 28, 28) * 2 - 1, torch.arange(12) % 10)
+    batch = dmd.draw_batch(torch.Generator().manual_seed(1), 0, args, (1, 28, 28), 10, net_g.T, None, real)
+    return nets, args, batch
+
+
+def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient():
+    nets, args, b = dmd2_setup()
+    opt_g, opt_fake = torch.optim.AdamW(nets.net_g.parameters(), 1e-3), torch.optim.AdamW(nets.mu_fake.parameters(), 1e-3)
+    real, head = weights(nets.mu_real), weights(nets.mu_fake.head)
+    # generator update: the GAN loss reaches G through µfake's head, and leaves no gradient on µfake or its head
+    grads = {}
+    for w in (0.0, args.gan_weight):
+        nets_w = dmd.Networks(*dmd2_setup()[0].__dict__.values())
+        args.gan_weight = w
+        x, stats = dmd.generator_update(nets_w, torch.optim.SGD(nets_w.net_g.parameters(), 0.0), b, args, Accelerator(cpu=True))
+        assert all(p.grad is None for p in nets_w.mu_fake.parameters())
+        grads[w] = stats["grad_g"]
+    assert grads[3e-3] != grads[0.0] and "loss_gan" in stats and math.isfinite(stats["loss_gan"])
+    # fake score update: the head's own loss (real vs G's images) trains it
+    g_stats, f_stats = dmd.dmd_step(0, nets, opt_g, opt_fake, b, args, Accelerator(cpu=True))
+    assert changed(head, nets.mu_fake.head) and not changed(real, nets.mu_real)
+    assert {"loss_disc", "d_real", "d_fake", "loss_gan"} <= set(f_stats) | set(g_stats)
+    assert 0 < f_stats["d_real"] < 1 and math.isfinite(f_stats["loss_disc"])
+
+
+def test_backward_simulation_makes_inputs_at_the_chosen_timesteps():
+    """Step k's input is the current G run from z through steps 0..k-1, re-noised to t_k with the batch's noise."""
+    nets, args, b = dmd2_setup(K=4, backward_simulation=True, gan_weight=0)
+    ts = generator_timesteps(nets.net_g.T, 4)
+    assert ts == [399, 299, 199, 99]
+    x_in, t_in = dmd.generator_inputs(nets, b, args)
+    assert torch.equal(t_in, torch.as_tensor(ts)[b.k]) and len(set(b.k.tolist())) > 1
+    with torch.no_grad():
+        x = b.z
+        expected = [x]
+        for j in range(3):
+            x = nets.net_g.add_noise(nets.net_g.x0(x, torch.full((6,), ts[j]), b.y), b.eps_steps[j], torch.full((6,), ts[j + 1]))
+            expected.append(x)
+    for i, k in enumerate(b.k.tolist()):
+        torch.testing.assert_close(x_in[i], expected[k][i])
+
+
+def test_k_step_generator_samples_with_k_network_evaluations():
+    backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=TINY_N_FEAT)
+    den = Denoiser(backbone.eval(), scheduler)
+    calls = []
+    backbone.register_forward_hook(lambda module, inputs, out: calls.append(inputs[1]))
+    ts = generator_timesteps(den.T, 4)
+    noise = seeded_noise(range(3), (1, 28, 28), 0, draws=4)
+    x = sample_generator(den, noise, torch.tensor([1, 2, 3]), ts)
+    assert len(calls) == 4 and [int(t[0]) for t in calls] == ts and x.shape == (3, 1, 28, 28)
+    one = sample_generator(den, noise[0], torch.tensor([1, 2, 3]), ts[:1])  # K = 1 is the one-step generator
+    torch.testing.assert_close(one, one_step(den, noise[0], torch.tensor([1, 2, 3])))

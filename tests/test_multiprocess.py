@@ -44,7 +44,8 @@ def test_distill_two_processes_match_one_with_double_batch(mnist_run, tmp_path):
         shutil.copytree(mnist_run / "teacher", tmp_path / name / "teacher")
         shutil.copytree(mnist_run / "pairs", tmp_path / name / "pairs")
     common = ["--steps", 3, "--batch-size", 8, "--reg-loss", "pseudo_huber", "--lr", 1e-4, "--log-every", 1,
-              "--probe-every", 0, "--ckpt-every", 3, "--sample-every", 100]
+              "--probe-every", 0, "--ckpt-every", 3, "--sample-every", 100,
+              "--gan-weight", 1e-2]  # the GAN head: two forwards of µfake's data-parallel wrapper per update
     run("distill.py", "--run-dir", tmp_path / "one", *common)
     torchrun("distill.py", "--run-dir", tmp_path / "two", *common)
     cfg = json.load(open(tmp_path / "two" / "dmd" / "config.json"))

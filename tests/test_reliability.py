@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, fake_mnist, run, tiny_teacher
+from conftest import ROOT, fake_images, fake_mnist, run, tiny_teacher
+from test_custom import custom_teacher
 from safetensors.torch import load_file
 
 
@@ -59,8 +60,9 @@ def test_precompute_survives_kill(tmp_path):
 
 
 def test_distill_survives_kill(mnist_run, tmp_path):
+    """With DMD2's GAN head on (its weights, optimiser state and real-image draws must all resume exactly)."""
     args = ["--steps", 12, "--ckpt-every", 2, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--lr", 1e-4,
-            "--probe-every", 0, "--sample-every", 100]
+            "--probe-every", 0, "--sample-every", 100, "--gan-weight", 1e-2, "--gen-every", 2]
     for name in ("a", "b"):
         shutil.copytree(mnist_run / "teacher", tmp_path / name / "teacher")
         shutil.copytree(mnist_run / "pairs", tmp_path / name / "pairs")
@@ -92,6 +94,11 @@ def bad_input_env(tmp_path_factory, mnist_run):
     tiny_teacher(other / "teacher", "mnist", "v_prediction", seed=9)
     shutil.rmtree(other / "dmd")
     (root / "empty_teacher").mkdir()
+    custom_teacher(root / "no_null", null_class=False)  # a class-conditional UNet2DModel without a null class
+    (root / "no_unet").mkdir()
+    (root / "no_unet" / "model_index.json").write_text("{}")  # a pipeline folder without unet/
+    for name in ("a", "b", "c"):
+        fake_images(root / "three_classes" / name, n=2)
     return root
 
 
@@ -114,6 +121,13 @@ BAD = [  # (script, args, words the one-line message must contain)
     ("distill.py", ["--run-dir", "{root}/good"], "--overwrite"),
     ("train_teacher.py", ["--run-dir", "{root}/good/..", "--data-dir", "{root}/nowhere"], "does not exist"),
     ("evaluate.py", ["--fid", "--run-dir", "{root}/good", "--seed", 0], "overlap the pairs' seeds 0..47"),
+    ("distill.py", ["--run-dir", "{root}/good", "--backward-simulation", "--overwrite"], "needs a K-step generator"),
+    ("precompute.py", ["--teacher", "{root}/no_null", "--guidance", 2, "--run-dir", "{root}/x"], "has none: drop --guidance"),
+    ("precompute.py", ["--teacher", "{root}/no_unet", "--run-dir", "{root}/x"], "has no unet/"),
+    ("distill.py", ["--teacher", "{root}/no_null", "--data-dir", "{root}/three_classes", "--reg-weight", 0, "--gan-weight", 1e-2,
+                    "--run-dir", "{root}/x"], "3 class subfolders but the teacher makes 2 classes"),
+    ("evaluate.py", ["--fid", "--dataset", "mnist", "--teacher", "{root}/no_null", "--run-dir", "{root}/x"],
+     "makes 3x48x48 images but mnist is 1x28x28"),
 ]
 
 

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET, fake_images, fake_mnist, read_json, run
@@ -30,6 +31,22 @@ def test_two_step_training_writes_a_loadable_teacher(tmp_path, dataset):
     r = run("train_teacher.py", "--dataset", dataset, "--run-dir", tmp_path / "run", "--data-dir", tmp_path / "data",
             "--max-steps", 2, *extra, check=False)
     assert r.returncode == 2 and "--overwrite" in r.stderr
+
+
+def test_trains_a_class_conditional_unet_on_your_own_images(tmp_path):
+    """No --dataset: your images in class subfolders, any size and channel count; label dropout gives the null class,
+    recorded in the UNet's config, so the teacher can be guided."""
+    for name in ("a", "b", "c"):
+        fake_images(tmp_path / "data" / name, n=4, size=20)
+    r = tmp_path / "run"
+    run("train_teacher.py", "--data-dir", tmp_path / "data", "--image-size", 16, "--channels", 1, "--run-dir", r,
+        "--max-steps", 2, "--batch-size", 4, "--sampling-steps", 2, "--unet-config", json.dumps(TINY_UNET))
+    cfg = read_json(r / "teacher" / "config.json")
+    assert (cfg["num_class_embeds"], cfg["_null_class_label"], cfg["in_channels"], cfg["sample_size"]) == (4, 3, 1, 16)
+    assert read_json(r / "teacher" / "train_config.json")["classes"] == ["a", "b", "c"]
+    run("sample.py", "--teacher", r / "teacher", "--run-dir", r, "--guidance", 3, "--num-samples", 6, "--sampling-steps", 2,
+        "--out", r / "s")
+    assert np.load(r / "s" / "samples.npz")["images"].shape == (6, 16, 16, 1)
 
 
 def test_resume_reaches_the_same_weights(tmp_path):

@@ -1,0 +1,113 @@
+"""Your own teacher and data in, a diffusers pipeline out: a class-conditional UNet2DModel saved the way diffusers'
+own examples save it (DDPMPipeline.save_pretrained) and PNGs in class subfolders, with no --dataset; the student
+loaded back by DiffusionPipeline.from_pretrained; bf16 that keeps the amplified x̂0 path in float32."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_UNET, fake_images, read_json, run
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from models import Denoiser, make_teacher
+from sampling import one_step
+
+
+def custom_teacher(folder, null_class=True, seed=0):
+    """A tiny 48x48 RGB UNet2DModel with 2 classes (plus the null class of guidance, where `null_class`), saved as a
+    pipeline folder: model_index.json, unet/, scheduler/."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=48, in_channels=3, out_channels=3, num_class_embeds=3 if null_class else 2, **TINY_UNET)
+    if null_class:
+        unet.register_to_config(_null_class_label=2)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", clip_sample=True)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def custom(tmp_path_factory):
+    """A pipeline-folder teacher, PNGs of another size in class subfolders (one of them grey), and a finished run."""
+    root = tmp_path_factory.mktemp("custom")
+    teacher, data, r = custom_teacher(root / "teacher_pipe"), root / "data", root / "run"
+    for name in ("cat", "dog"):
+        fake_images(data / name, n=9, size=40)
+    Image.fromarray(np.full((30, 50), 128, np.uint8)).save(data / "dog" / "grey.png")
+    flags = ["--teacher", teacher, "--run-dir", r]
+    run("precompute.py", *flags, "--num-pairs", 8, "--sampling-steps", 2)
+    run("distill.py", *flags, "--data-dir", data, "--steps", 2, "--batch-size", 4, "--reg-loss", "pseudo_huber",
+        "--gan-weight", 1e-2, "--probe-every", 0)
+    return root
+
+
+def test_own_teacher_and_data_end_to_end(custom):
+    """precompute, distill, evaluate and sample with --teacher (and --data-dir), no --dataset: shape, classes and the
+    null class come from the teacher, labels from the subfolders."""
+    r, teacher, data = custom / "run", custom / "teacher_pipe", custom / "data"
+    meta = read_json(r / "pairs" / "meta.json")
+    assert meta["shape"] == [3, 48, 48] and meta["num_classes"] == 2 and meta["guidance"] == 2.0 and meta["dataset"] == "custom"
+    config = read_json(r / "dmd" / "config.json")
+    assert config["dataset"] == "custom" and config["num_classes"] == 2 and config["gan_weight"] == 1e-2
+    run("evaluate.py", "--fid", "--teacher", teacher, "--run-dir", r, "--data-dir", data, "--num-samples", 4,
+        "--batch-size", 4, "--classifier-epochs", 1, "--ddim-steps", "1")
+    rows = {row["model"]: row for row in read_json(r / "eval" / "report.json")["rows"]}
+    assert list(rows) == ["real", "teacher-ddim-1", "teacher-ddim-2", "onestep-before", "onestep-before-guided", "student"]
+    assert all(0 <= rows[name]["class_accuracy"] <= 1 for name in rows if name != "real")
+    assert "Evaluation" in (r / "dmd" / "pipeline" / "README.md").read_text()  # the model card got the numbers
+    run("sample.py", "--teacher", teacher, "--run-dir", r, "--model", "student", "--num-samples", 4, "--out", r / "s")
+    assert np.load(r / "s" / "samples.npz")["images"].shape == (4, 48, 48, 3)
+
+
+PIPELINE_SNIPPET = """
+import sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+n, K = 4, int(sys.argv[2])
+images = pipe(batch_size=n, class_labels=[i % 2 for i in range(n)], num_inference_steps=K,
+              generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="np").images
+np.save(sys.argv[3], images)
+ours = [m for m in ("models", "dmd", "sampling", "cli", "files") if m in sys.modules]
+assert not ours, ours
+"""
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_student_pipeline_matches_sample_py(custom, tmp_path, K):
+    """DiffusionPipeline.from_pretrained("<run>/dmd/pipeline") in a fresh process that imports only diffusers and torch
+    (not from the repository) makes the images sample.py makes on the same seeds, within 1/255: one step (DDIM,
+    trailing) and K = 2 steps (LCM's re-noising, as the K-step generator samples)."""
+    r, teacher = custom / "run", custom / "teacher_pipe"
+    if K > 1:
+        r = tmp_path / "run"
+        run("distill.py", "--teacher", teacher, "--run-dir", r, "--steps", 2, "--batch-size", 4, "--reg-weight", 0,
+            "--generator-steps", K, "--backward-simulation", "--probe-every", 0, "--reg-loss", "pseudo_huber")
+    run("sample.py", "--teacher", teacher, "--run-dir", r, "--model", "student", "--num-samples", 4, "--out", tmp_path / "s")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", PIPELINE_SNIPPET, str(r / "dmd" / "pipeline"), str(K), str(tmp_path / "p.npy")],
+                   cwd=tmp_path, env=dict(env, HF_HUB_OFFLINE="1"), check=True, capture_output=True)
+    ours = np.load(tmp_path / "s" / "samples.npz")["images"] / 255.0
+    theirs = np.load(tmp_path / "p.npy")
+    assert ours.shape == theirs.shape == (4, 48, 48, 3)
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6
+
+
+def test_bf16_keeps_the_amplified_x0_path_in_float32():
+    """A CIFAR-10-architecture ε-teacher (random weights): its one-step x̂0 at t = T-1 multiplies ε̂'s error by ~157.
+    Under bf16 autocast the one-step output stays within one uint8 level of float32's; the plain bf16 forward
+    does not."""
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("cifar10", "epsilon")
+    den = Denoiser(backbone.eval(), scheduler)
+    z, T = torch.randn(2, 3, 32, 32), den.T
+    with torch.no_grad():
+        exact = one_step(den, z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = one_step(den, z)  # the generator's path: x̂0 asks for float32 where it amplifies
+            plain = den.to_x0(z, T - 1, den(z, T - 1))  # the raw output in bf16, then x̂0
+    level = 2 / 255  # one uint8 level on the [-1, 1] scale
+    rms = lambda x: (x.float() - exact).pow(2).mean().sqrt().item()  # noqa: E731
+    assert rms(kept) < level < rms(plain), (rms(kept), rms(plain))
