@@ -94,6 +94,7 @@ def main():
     meta, pairs = read_pairs(args) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, accelerator.is_main_process, shape, num_classes)[0]
             if dmd.needs_real_images(args) else None)
+    check_method_inputs(args, net_g.T, real)
     timesteps = generator_timesteps(net_g.T, args.generator_steps)
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c)
     opt_g = torch.optim.AdamW(net_g.parameters(), lr=args.lr)
@@ -102,17 +103,9 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)  # fresh z, y, t, ε: the same global stream on every process
     step, best_probe = 0, float("inf")
     if args.resume:
-        state = load_state(os.path.join(out, STATE))
-        net_g.backbone.load_state_dict(state["net_g"])
-        mu_fake.backbone.load_state_dict(state["mu_fake"])
-        if mu_fake.head is not None:
-            mu_fake.head.load_state_dict(state["gan_head"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_fake.load_state_dict(state["opt_fake"])
-        if ema:
-            ema.load_state_dict(state["ema"])
-        gen.set_state(state["gen"])
-        step, best_probe = state["step"], state["best_probe"]
+        saved = os.path.join(out, "config.json")
+        check_same_method(args, load_json(saved) if os.path.exists(saved) else {}, out)
+        step, best_probe = restore(load_state(os.path.join(out, STATE)), net_g, mu_fake, opt_g, opt_fake, ema, gen)
     net_g_ddp, mu_fake_ddp, opt_g, opt_fake = accelerator.prepare(net_g, mu_fake, opt_g, opt_fake)
     nets = dmd.Networks(net_g, mu_real, mu_fake, reg_fn.to(dev) if reg_used == "lpips" else reg_fn, net_g_ddp, mu_fake_ddp)
     real_checksum = checksum(mu_real)  # recorded again at the end: µreal must never change
@@ -134,14 +127,7 @@ def main():
                            load_splits(args.dataset, args.data_dir, False, shape, num_classes)[1],
                            args.probe_samples, PROBE_SEED, shape, num_classes, timesteps, dev)
     if accelerator.is_main_process:
-        if args.overwrite and not args.resume:
-            shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        write_json(config, os.path.join(out, "config.json"))
-        print("config:", json.dumps({k: v for k, v in config.items() if k != "pairs_meta"}, default=str))
-        truncate_jsonl(os.path.join(out, "stats.jsonl"), step)  # rows logged after the checkpoint we resume from go
-        if os.path.exists(os.path.join(out, "summary.json")):
-            os.remove(os.path.join(out, "summary.json"))  # written again when this run ends
+        start_folder(out, args, config, step)
     if args.report_to:  # hyperparameters as the tracker takes them: scalars and strings
         accelerator.init_trackers("tensorboard", {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
 
@@ -224,6 +210,54 @@ def main():
     accelerator.end_training()  # closes the trackers, and the process group: after the last collective (the gather)
 
 
+def restore(state, net_g, mu_fake, opt_g, opt_fake, ema, gen):
+    """Load a training state saved by main()'s save_checkpoint; returns (step, best probe FID)."""
+    net_g.backbone.load_state_dict(state["net_g"])
+    mu_fake.backbone.load_state_dict(state["mu_fake"])
+    if mu_fake.head is not None:
+        mu_fake.head.load_state_dict(state["gan_head"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_fake.load_state_dict(state["opt_fake"])
+    if ema:
+        ema.load_state_dict(state["ema"])
+    gen.set_state(state["gen"])
+    return state["step"], state["best_probe"]
+
+
+def start_folder(out, args, config, step):
+    """The run folder as this run starts: emptied with --overwrite, the config written, stats after `step` (the
+    checkpoint resumed from) dropped, the summary removed until this run ends."""
+    if args.overwrite and not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    write_json(config, os.path.join(out, "config.json"))
+    print("config:", json.dumps({k: v for k, v in config.items() if k != "pairs_meta"}, default=str))
+    truncate_jsonl(os.path.join(out, "stats.jsonl"), step)
+    if os.path.exists(os.path.join(out, "summary.json")):
+        os.remove(os.path.join(out, "summary.json"))
+
+
+def check_method_inputs(args, T, real):
+    """What the K-step generator and the real-image batch need from the teacher and the data."""
+    K = args.generator_steps
+    if T % K:
+        raise UserError(f"--generator-steps {K} does not divide the teacher's {T} timesteps, so the steps cannot be "
+                        f"evenly spaced from {T - 1}: pick a divisor of {T} (DMD2: 4 on T = 1000)")
+    if real is not None and len(real) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(real)} real training images: "
+                        f"use a smaller batch or more images")
+
+
+def check_same_method(args, saved, out):
+    """--resume continues the run in `out`: the networks and their optimisers must be the ones it saved."""
+    for flag, now, then in (("--gan-weight > 0", args.gan_weight > 0, saved.get("gan_weight", 0) > 0),
+                            ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
+                            ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0)):
+        if now != then:
+            raise UserError(f"cannot --resume {out} with {flag} = {now}: it was made with {then}; "
+                            f"resume with its flags (config.json) or start again with --overwrite")
+
+
 def read_pairs(args):
     """The pairs' meta and (noise, image, labels), after checking they were made by this teacher with this guidance."""
     meta, z_pairs, x_pairs, y_pairs = load_pairs(args.pairs)
@@ -252,7 +286,8 @@ def plot_losses(out):
         return
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    keys = [k for k in ("loss_dm", "loss_reg", "loss_fake", "w", "grad_g", "grad_fake", "probe_fid") if any(k in r for r in rows)]
+    keys = [k for k in ("loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
+                        "grad_fake", "probe_fid") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])

@@ -37,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--fake-loss", default="native", choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
     p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=0.0, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
     p.add_argument("--gan-disc-weight", type=number(float, 0, inclusive=True), default=1e-2, help="weight of the head's loss in µfake's update (DMD2: 1e-2)")
-    p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=1.0, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = clean")
+    p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=1.0, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
     p.add_argument("--generator-steps", type=number(int, 0), default=1, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="max gradient norm, both networks")
@@ -119,6 +119,8 @@ def draw_batch(gen, step, args, shape, num_classes, T, pairs=None, real=None, ra
         items = [real[int(i)] for i in visit(len(real), 10 ** 6)]
         b.x_real = torch.stack([x for x, _ in items]).to(device)
         b.y_real = torch.as_tensor([y for _, y in items]).to(device) if num_classes else None
+        if K > 1 and not args.backward_simulation and num_classes:
+            b.y = b.y_real  # G denoises noised real images (k > 0) as their own class; at k = 0 any label will do
     return b
 
 

@@ -23,7 +23,7 @@ from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
-from models import (Denoiser, check_image_shape, default_teacher, load_teacher, model_card, student_timesteps,
+from models import (Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, model_card, student_timesteps,
                     teacher_spec)
 from recipes import default_guidance, grid_columns
 from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
@@ -60,13 +60,15 @@ def main():
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
     backbone, scheduler = load_teacher(teacher)
     check_image_shape(backbone, args.dataset, teacher)
-    spec = teacher_spec(Denoiser(backbone, scheduler))
+    teacher_den = Denoiser(backbone, scheduler)
+    spec = teacher_spec(teacher_den)
     pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
     if args.guidance is None:  # the teacher as it was distilled: the pairs' guidance, else µreal's, else the default
         distilled = load_json(dmd_config) if os.path.exists(dmd_config) else {}
         args.guidance = pairs.get("guidance", distilled.get("guidance", default_guidance(spec["guidable"])))
     s = args.guidance
+    check_guidance(teacher_den, s, teacher)
     seeds = held_out_seeds(args, pairs)
 
     # --- reference images, the feature classifier, the extractor
@@ -130,9 +132,9 @@ def main():
     save_grid(torch.cat(grid), os.path.join(out, "grid.png"), nrow=len(grid[0]))
     plot_fid_vs_nfe(report, os.path.join(out, "fid_vs_nfe.png"))
     pipeline = os.path.join(args.run_dir, DMD, PIPELINE)
-    if os.path.isdir(pipeline) and os.path.exists(dmd_config):  # the exported student's model card gets the numbers
-        summary = load_json(os.path.join(args.run_dir, DMD, "summary.json"))
-        card = model_card(dict(load_json(dmd_config), steps_done=summary["steps_done"]), report)
+    summary = os.path.join(args.run_dir, DMD, "summary.json")  # absent while a resumed run has not finished
+    if os.path.isdir(pipeline) and os.path.exists(dmd_config) and os.path.exists(summary):  # the card gets the numbers
+        card = model_card(dict(load_json(dmd_config), steps_done=load_json(summary)["steps_done"]), report)
         with atomic(os.path.join(pipeline, "README.md")) as tmp, open(tmp, "w") as f:
             f.write(card)
     print(md)

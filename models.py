@@ -235,7 +235,11 @@ def check_guidance(den, s, source):
 def image_shape(backbone):
     """(C, H, W) of the images a backbone makes, from its own config."""
     size = backbone.config.sample_size
-    return (backbone.config.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
+    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    if h != w:
+        raise UserError(f"the teacher makes {h}x{w} images; only square images are supported (the data is "
+                        f"resized and centre-cropped to a square): use a square teacher")
+    return backbone.config.in_channels, h, w
 
 
 BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel}
@@ -416,16 +420,20 @@ class Denoiser(nn.Module):
             return self.head(self.bottleneck(x_t, t, y), y)
         device = x_t.device.type
         if not (for_x0 and self.prediction_type == "epsilon" and torch.is_autocast_enabled(device)):
-            return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
+            return self.raw(x_t, t, y)
         t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
         exact = self.alphas_cumprod[t] < 0.5
         out = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
         for part, autocast in ((~exact, True), (exact, False)):
-            if part.any():
+            if part.any():  # the backbone itself, not self(): accelerate's prepare() re-wraps self.forward in autocast
                 with torch.autocast(device, enabled=autocast):
-                    out[part] = self(x_t[part].float() if not autocast else x_t[part], t[part],
-                                     y[part] if y is not None else None).float()
+                    out[part] = self.raw(x_t[part].float() if not autocast else x_t[part], t[part],
+                                         y[part] if y is not None else None).float()
         return out
+
+    def raw(self, x_t, t, y=None):
+        """The backbone's output, as it comes."""
+        return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
 
     def bottleneck(self, x_t, t, y=None):
         """The backbone's bottleneck features (B, C, h, w): ContextUnet's down path alone, or UNet2DModel's

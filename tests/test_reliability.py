@@ -122,6 +122,8 @@ BAD = [  # (script, args, words the one-line message must contain)
     ("train_teacher.py", ["--run-dir", "{root}/good/..", "--data-dir", "{root}/nowhere"], "does not exist"),
     ("evaluate.py", ["--fid", "--run-dir", "{root}/good", "--seed", 0], "overlap the pairs' seeds 0..47"),
     ("distill.py", ["--run-dir", "{root}/good", "--backward-simulation", "--overwrite"], "needs a K-step generator"),
+    ("distill.py", ["--run-dir", "{root}/good", "--generator-steps", 3, "--batch-size", 4, "--overwrite"], "does not divide the teacher's 400"),
+    ("distill.py", ["--run-dir", "{root}/good", "--gan-weight", 1e-2, "--batch-size", 4, "--resume", "--steps", 2], "it was made with False"),
     ("precompute.py", ["--teacher", "{root}/no_null", "--guidance", 2, "--run-dir", "{root}/x"], "has none: drop --guidance"),
     ("precompute.py", ["--teacher", "{root}/no_unet", "--run-dir", "{root}/x"], "has no unet/"),
     ("distill.py", ["--teacher", "{root}/no_null", "--data-dir", "{root}/three_classes", "--reg-weight", 0, "--gan-weight", 1e-2,
