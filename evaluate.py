@@ -23,8 +23,7 @@ from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
-from models import (Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, model_card, student_timesteps,
-                    teacher_spec)
+from models import Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, model_card, student_timesteps
 from recipes import default_guidance, grid_columns
 from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
 
@@ -60,24 +59,24 @@ def main():
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
     backbone, scheduler = load_teacher(teacher)
     check_image_shape(backbone, args.dataset, teacher)
-    teacher_den = Denoiser(backbone, scheduler)
-    spec = teacher_spec(teacher_den)
+    teacher_den = Denoiser(backbone, scheduler).to(args.device).eval()  # what it makes: shape, classes, T
+    num_classes = teacher_den.num_classes
     pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
+    distilled = load_json(dmd_config) if os.path.exists(dmd_config) else {}
     if args.guidance is None:  # the teacher as it was distilled: the pairs' guidance, else µreal's, else the default
-        distilled = load_json(dmd_config) if os.path.exists(dmd_config) else {}
-        args.guidance = pairs.get("guidance", distilled.get("guidance", default_guidance(spec["guidable"])))
+        args.guidance = pairs.get("guidance", distilled.get("guidance", default_guidance(teacher_den.null_label is not None)))
     s = args.guidance
     check_guidance(teacher_den, s, teacher)
-    seeds = held_out_seeds(args, pairs)
+    seeds = held_out_seeds(args, pairs, distilled)
 
     # --- reference images, the feature classifier, the extractor
-    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, spec["shape"], spec["num_classes"])
+    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.shape, num_classes)
     n_ref = min(len(real_test), args.num_reference)
     reference = f"{args.dataset} {what} (first {n_ref})"
     clf_dir = os.path.join(args.run_dir, CLASSIFIER)
-    clf = (train_classifier(real_train, real_test, clf_dir, spec["num_classes"], args.seed or 0, args.classifier_epochs, args.dataset)
-           if spec["num_classes"] or args.feature_extractor != "inception" else None)
+    clf = (train_classifier(real_train, real_test, clf_dir, num_classes, args.seed or 0, args.classifier_epochs, args.dataset)
+           if num_classes or args.feature_extractor != "inception" else None)
     if args.prepare:
         return
     fe, layer, label, rgb = feature_extractor(args.feature_extractor, clf_dir, args.inception_weights, args.device)
@@ -91,10 +90,10 @@ def main():
 
     # --- rows: name -> (model folder or None for real images, sampler, NFE)
     rows, grid = [], []
-    for name, source, sampler, nfe, draws in row_specs(args, teacher, pairs, s, spec):
+    for name, source, sampler, nfe, draws in row_specs(args, teacher, pairs, s, teacher_den):
         per_repeat, seconds = [], []
-        den = None
-        if source is not None:
+        den = teacher_den if source == teacher else None  # the teacher rows share the model loaded above
+        if source is not None and den is None:
             backbone, scheduler = load_teacher(source)
             check_image_shape(backbone, args.dataset, source)
             den = Denoiser(backbone, scheduler).to(args.device).eval()
@@ -109,7 +108,7 @@ def main():
             m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
             per_repeat.append(m)
             if r == 0:
-                grid.append(images[:grid_columns(spec["num_classes"])])
+                grid.append(images[:grid_columns(num_classes)])
         row = dict(model=name, nfe=nfe, ms_per_image=1000 * statistics.median(seconds) / args.batch_size if seconds else None,
                    kid_std=float(np.mean([m["kid_std"] for m in per_repeat])))
         for k in METRICS:
@@ -133,8 +132,8 @@ def main():
     plot_fid_vs_nfe(report, os.path.join(out, "fid_vs_nfe.png"))
     pipeline = os.path.join(args.run_dir, DMD, PIPELINE)
     summary = os.path.join(args.run_dir, DMD, "summary.json")  # absent while a resumed run has not finished
-    if os.path.isdir(pipeline) and os.path.exists(dmd_config) and os.path.exists(summary):  # the card gets the numbers
-        card = model_card(dict(load_json(dmd_config), steps_done=load_json(summary)["steps_done"]), report)
+    if os.path.isdir(pipeline) and distilled and os.path.exists(summary):  # the exported student's card gets the numbers
+        card = model_card(dict(distilled, steps_done=load_json(summary)["steps_done"]), report)
         with atomic(os.path.join(pipeline, "README.md")) as tmp, open(tmp, "w") as f:
             f.write(card)
     print(md)
@@ -145,12 +144,11 @@ def pair_seeds(pairs):
     return [pairs["seed"], pairs["seed"] + pairs["num_pairs"]] if pairs else None
 
 
-def held_out_seeds(args, pairs):
+def held_out_seeds(args, pairs, distilled):
     """[first, last + 1) of the evaluation's noise seeds, checked disjoint from the pairs' and the probe's."""
     first = EVAL_SEED if args.seed is None else args.seed
     ours = [first, first + args.num_samples * args.repeats]
-    dmd_config = os.path.join(args.run_dir, DMD, "config.json")
-    probe = load_json(dmd_config).get("probe_samples", 0) if os.path.exists(dmd_config) else 0
+    probe = distilled.get("probe_samples", 0)  # the distillation run's config: its probe's seeds
     for what, (a, b) in (("the pairs' seeds", pair_seeds(pairs) or (0, 0)), ("the training probe's", (PROBE_SEED, PROBE_SEED + probe))):
         if ours[0] < b and a < ours[1]:
             raise UserError(f"--seed {first}: evaluation seeds {ours[0]}..{ours[1] - 1} overlap {what} {a}..{b - 1}, "
@@ -159,25 +157,25 @@ def held_out_seeds(args, pairs):
     return ours
 
 
-def row_specs(args, teacher, pairs, s, spec):
+def row_specs(args, teacher, pairs, s, teacher_den):
     """(name, model folder (None = real images), sampler(den) -> sample(noise, y, generator), NFE, noise draws per
     sample) of every row. A student runs at the timesteps saved with it (its K steps: NFE = K)."""
-    guided = s != 1.0 and spec["guidable"]
+    guided, T = s != 1.0 and teacher_den.null_label is not None, teacher_den.T
     steps = sorted(set(args.ddim_steps) | {pairs.get("sampling_steps", 25)})
     specs = [("real", None, None, None, 1)]
     specs += [(f"teacher-ddim-{n}", teacher, lambda den, n=n: (lambda z, y, g: sample_teacher(den, z, y, n, s)),
                n * (2 if guided else 1), 1) for n in steps]
     if args.full_ddpm:
-        specs.append((f"teacher-ddpm-{spec['T']}", teacher,
+        specs.append((f"teacher-ddpm-{T}", teacher,
                       lambda den: (lambda z, y, g: sample_teacher(den, z, y, s=s, ddpm=True, generator=g)),
-                      spec["T"] * (2 if guided else 1), 1))
+                      T * (2 if guided else 1), 1))
     specs.append(("onestep-before", teacher, lambda den: (lambda z, y, g: one_step(den, z, y)), 1, 1))
     if guided:
         specs.append(("onestep-before-guided", teacher, lambda den: (lambda z, y, g: one_step(den, z, y, s)), 2, 1))
     for name in (STUDENT, STUDENT_EMA, STUDENT_BEST):
         folder = os.path.join(args.run_dir, DMD, name)
         if os.path.isdir(folder):
-            ts = student_timesteps(folder, spec["T"])
+            ts = student_timesteps(folder, T)
             specs.append((name.replace("_", "-"), folder,
                           lambda den, ts=ts: (lambda noise, y, g: sample_generator(den, noise, y, ts)), len(ts), len(ts)))
     return [row for row in specs if args.rows is None or row[0].startswith(args.rows)]

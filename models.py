@@ -110,7 +110,6 @@ class ContextUnet(ModelMixin, ConfigMixin):
         out = self.out(torch.cat((up3, x), 1))
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
-
     def encode(self, sample):
         """The down path: (x 28x28, down1 14x14, down2 7x7, the bottleneck). It sees neither t nor the class: both
         enter on the way up."""
@@ -217,12 +216,6 @@ def class_labels_of(backbone):
         return c.n_classes, c.n_classes
     n, null = c.get("num_class_embeds") or 0, c.get("_null_class_label")
     return (n - 1, null) if null is not None else (n, None)
-
-
-def teacher_spec(den):
-    """What a teacher makes, from its own config: image shape (C, H, W), number of classes, whether it can be guided
-    (has a null class), number of training timesteps T."""
-    return dict(shape=den.shape, num_classes=den.num_classes, guidable=den.null_label is not None, T=den.T)
 
 
 def check_guidance(den, s, source):

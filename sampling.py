@@ -87,7 +87,7 @@ def generate(den, sample, indices, seed, batch_size, device="cpu", desc="samplin
     batch's first sample)."""
     images, labels, seconds = [], [], []
     indices = list(indices)
-    shape = (den.backbone.config.in_channels, *(den.backbone.config.sample_size,) * 2)
+    shape = den.shape
     for i in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
         idx = indices[i:i + batch_size]
         z, y = seeded_noise(idx, shape, seed, draws).to(device), balanced_labels(idx, den.num_classes)
