@@ -25,9 +25,9 @@ from files import (CLASSIFIER, DMD, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BES
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import make_probe
-from models import (check_guidance, check_image_shape, default_teacher, load_teacher, make_dmd_networks, model_card,
-                    save_pipeline, save_student, weights_hash)
-from recipes import PRESETS, default_guidance, grid_columns
+from checkpoints import default_teacher, model_card, open_teacher, save_pipeline, save_student, weights_hash
+from denoiser import make_dmd_networks
+from recipes import PRESETS, grid_columns
 from sampling import GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, seeded_noise
 
 
@@ -85,12 +85,10 @@ def main():
     world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
-    backbone, scheduler = load_teacher(args.teacher)
-    check_image_shape(backbone, args.dataset, args.teacher)
-    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(backbone, scheduler, args.gan_weight > 0, args.seed))
+    teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance)
+    scheduler = teacher.scheduler
+    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, scheduler, args.gan_weight > 0, args.seed))
     shape, num_classes = mu_real.shape, mu_real.num_classes  # what the teacher makes
-    args.guidance = default_guidance(mu_real.null_label is not None) if args.guidance is None else args.guidance
-    check_guidance(mu_real, args.guidance, args.teacher)
     meta, pairs = read_pairs(args) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, accelerator.is_main_process, shape, num_classes)[0]
             if dmd.needs_real_images(args) else None)

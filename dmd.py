@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from cli import number
 from losses import denoising_loss, dm_loss, dm_timesteps, gan_discriminator_loss, gan_generator_loss
-from models import Denoiser
+from denoiser import Denoiser
 from sampling import generator_timesteps
 
 

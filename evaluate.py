@@ -23,7 +23,8 @@ from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
-from models import Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, model_card, student_timesteps
+from checkpoints import default_teacher, model_card, open_teacher, student_timesteps
+from denoiser import check_guidance
 from recipes import default_guidance, grid_columns
 from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
 
@@ -57,9 +58,7 @@ def main():
         raise UserError("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
     out = os.path.join(args.run_dir, EVAL)
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
-    backbone, scheduler = load_teacher(teacher)
-    check_image_shape(backbone, args.dataset, teacher)
-    teacher_den = Denoiser(backbone, scheduler).to(args.device).eval()  # what it makes: shape, classes, T
+    teacher_den, _ = open_teacher(teacher, args.dataset, 1.0, args.device)  # what it makes: shape, classes, T
     num_classes = teacher_den.num_classes
     pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
@@ -94,9 +93,7 @@ def main():
         per_repeat, seconds = [], []
         den = teacher_den if source == teacher else None  # the teacher rows share the model loaded above
         if source is not None and den is None:
-            backbone, scheduler = load_teacher(source)
-            check_image_shape(backbone, args.dataset, source)
-            den = Denoiser(backbone, scheduler).to(args.device).eval()
+            den, _ = open_teacher(source, args.dataset, 1.0, args.device)
         for r in range(R):
             if den is None:  # real training images
                 images, labels = torch.stack([real_train[int(i)][0] for i in real_draw[r * N:(r + 1) * N]]), None

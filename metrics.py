@@ -10,8 +10,11 @@ import os
 import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torch_fidelity
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
@@ -22,10 +25,31 @@ from tqdm import tqdm
 from cli import UserError
 from data import to_uint8, to_unit
 from files import save_folder
-from models import Classifier
 from sampling import balanced_labels, sample_generator, seeded_noise
 
 CLASSIFIER_FEATURES = "dmd-classifier"
+
+
+class Classifier(ModelMixin, ConfigMixin):
+    """Small CNN whose penultimate features stand in for Inception's where those weights cannot be had.
+    Trained by evaluate.py on real data: on the classes where the dataset has them, else on predicting
+    which of 4 rotations was applied (self-supervised, so unlabelled faces get meaningful features too)."""
+
+    @register_to_config
+    def __init__(self, in_channels=1, num_outputs=10, width=32, feature_dim=128, task="classes", test_accuracy=None,
+                 dataset=None):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * w, feature_dim), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, num_outputs))
+
+    def forward(self, x):
+        """x in [-1, 1], (B, C, H, W) -> (features (B, feature_dim), logits (B, num_outputs))."""
+        f = self.features(x)
+        return f, self.head(f)
 
 
 class Uint8Images(Dataset):

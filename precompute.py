@@ -21,8 +21,8 @@ from tqdm import tqdm
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
 from files import PAIRS, atomic, load_json, write_json
-from models import Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, weights_hash
-from recipes import PRESETS, default_guidance, grid_columns
+from checkpoints import default_teacher, open_teacher, weights_hash
+from recipes import PRESETS, grid_columns
 from sampling import balanced_labels, sample_teacher, seeded_noise
 
 
@@ -46,11 +46,7 @@ def main():
     out = os.path.join(args.run_dir, PAIRS)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
-    backbone, scheduler = load_teacher(source)
-    check_image_shape(backbone, args.dataset, source)
-    den = Denoiser(backbone, scheduler).to(accelerator.device).eval()
-    args.guidance = default_guidance(den.null_label is not None) if args.guidance is None else args.guidance
-    check_guidance(den, args.guidance, source)
+    den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device)
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     meta = dict(dataset=args.dataset, teacher=source, teacher_hash=weights_hash(source),
                 prediction_type=den.prediction_type, sampler="ddim", eta=0.0, timestep_spacing="trailing",

@@ -16,8 +16,8 @@ from einops import rearrange
 from cli import UserError, number, parse, run, script_parser
 from data import save_grid, to_uint8
 from files import DMD, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic
-from models import Denoiser, check_guidance, check_image_shape, default_teacher, load_teacher, student_timesteps
-from recipes import default_guidance, grid_columns
+from checkpoints import default_teacher, open_teacher, student_timesteps
+from recipes import grid_columns
 from sampling import generate, sample_generator, sample_teacher
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema", "student-best")
@@ -37,11 +37,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parse(p)
     source = model_source(args)
-    backbone, scheduler = load_teacher(source)
-    check_image_shape(backbone, args.dataset, source)
-    den = Denoiser(backbone, scheduler).to(args.device).eval()
-    args.guidance = default_guidance(den.null_label is not None) if args.guidance is None else args.guidance
-    check_guidance(den, args.guidance, source)
+    den, args.guidance = open_teacher(source, args.dataset, args.guidance, args.device)
     timesteps = student_timesteps(source, den.T)  # [T-1] for the one-step teacher; a student's own K steps
 
     def sampler(noise, y, generator):

@@ -21,7 +21,9 @@ from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_dataset, save_grid
 from files import STATE, TEACHER, check_run_folder, load_state, save_state, write_json
 from losses import denoising_loss
-from models import Denoiser, make_teacher, save_teacher
+from checkpoints import save_teacher
+from denoiser import Denoiser
+from networks import make_teacher
 from recipes import PRESETS, default_guidance
 from sampling import sample_teacher
 

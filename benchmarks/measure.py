@@ -17,7 +17,8 @@ from diffusers import DDPMScheduler
 
 import dmd
 from losses import pseudo_huber
-from models import Denoiser, make_dmd_networks, make_teacher
+from denoiser import Denoiser, make_dmd_networks
+from networks import make_teacher
 from recipes import PRESETS, default_guidance
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from models import make_teacher, save_teacher  # noqa: E402
+from checkpoints import save_teacher  # noqa: E402
+from networks import make_teacher  # noqa: E402
 
 # Tiny UNet2DModel for the 3-channel datasets: the real configs are exercised by the parameter-count tests.
 TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,

@@ -13,7 +13,8 @@ from accelerate.utils import convert_outputs_to_fp32
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from models import Denoiser, make_teacher
+from denoiser import Denoiser
+from networks import make_teacher
 from sampling import one_step
 
 
@@ -71,7 +72,7 @@ n, K = 4, int(sys.argv[2])
 images = pipe(batch_size=n, class_labels=[i % 2 for i in range(n)], num_inference_steps=K,
               generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="np").images
 np.save(sys.argv[3], images)
-ours = [m for m in ("models", "dmd", "sampling", "cli", "files") if m in sys.modules]
+ours = [m for m in ("networks", "denoiser", "checkpoints", "contextunet", "dmd", "sampling", "cli", "files") if m in sys.modules]
 assert not ours, ours
 """
 

@@ -10,7 +10,7 @@ from conftest import read_json, run
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 import metrics
-from models import Classifier
+from metrics import Classifier
 from sampling import PROBE_SEED
 
 

@@ -7,7 +7,9 @@ import torch
 from conftest import ROOT, TINY_N_FEAT, TINY_UNET, run
 
 import cli
-from models import CIFAR10_UNET, Denoiser, count_params, load_teacher, make_dmd_networks, make_teacher, save_teacher
+from checkpoints import load_teacher, save_teacher
+from denoiser import Denoiser, make_dmd_networks
+from networks import CIFAR10_UNET, count_params, make_teacher
 from recipes import PRESETS
 from sampling import one_step, sample_teacher
 
@@ -132,7 +134,7 @@ def test_keep_freed_memory_keeps_it_and_importing_changes_nothing():
     """cli.keep_freed_memory: a freed 256 MB tensor stays resident, so the next one needs no page faults. Importing
     every module of the project must not do that (no process-wide side effect on import): glibc's default behaviour,
     handing it back at once, must survive the imports."""
-    modules = "cli, data, dmd, files, losses, metrics, models, recipes, sampling"
+    modules = "checkpoints, cli, contextunet, data, denoiser, dmd, files, losses, metrics, networks, recipes, sampling"
     assert freed_mb(f"import {modules}") > 200  # glibc's default: given back
     assert freed_mb("import cli; cli.keep_freed_memory()") < 64  # kept
 

@@ -3,7 +3,8 @@ from conftest import read_json, run, tiny_teacher
 from safetensors.torch import load_file
 
 from data import load_pairs
-from models import Denoiser, load_teacher
+from checkpoints import load_teacher
+from denoiser import Denoiser
 from sampling import sample_teacher
 
 
