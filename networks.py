@@ -57,19 +57,20 @@ CELEBA_UNET = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_blo
                    down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 
-def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shape=None, num_classes=0):
+def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shape=None, num_classes=0, null_class=True):
     """A fresh (untrained) backbone and its DDPM scheduler. `unet` overrides the UNet2DModel config. "custom": a
     small UNet2DModel (CelebA's) for images of `shape` (C, H, W), class-conditional when `num_classes` > 0 through
-    num_class_embeds = num_classes + 1, the last being the null label of classifier-free guidance."""
+    num_class_embeds = num_classes + 1, the last being the null label of classifier-free guidance; `null_class=False`
+    (a teacher trained without label dropout) leaves it out, as it would stay untrained and guidance would use it."""
     spec = PRESETS[dataset]
     T, beta_end = spec["T"] or 1000, spec.get("beta_end", 0.02)
     if dataset == "mnist":
         backbone = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=10, sample_size=28, num_train_timesteps=T)
     elif dataset == "custom":
         config = dict(CELEBA_UNET, sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0],
-                      num_class_embeds=num_classes + 1 if num_classes else None)
+                      num_class_embeds=num_classes + int(null_class) if num_classes else None)
         backbone = UNet2DModel(**{**config, **(unet or {})})
-        if num_classes:
+        if num_classes and null_class:
             backbone.register_to_config(_null_class_label=num_classes)  # private: diffusers keeps it and ignores it
     else:
         backbone = UNet2DModel(**{**(CIFAR10_UNET if dataset == "cifar10" else CELEBA_UNET), **(unet or {})})

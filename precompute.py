@@ -16,9 +16,8 @@ import time
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from cli import UserError, keep_freed_memory, number, parse, run, script_parser
+from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
 from files import PAIRS, atomic, load_json, write_json
 from checkpoints import default_teacher, open_teacher, weights_hash
@@ -78,7 +77,7 @@ def main():
     if accelerator.is_main_process and not todo:
         print(f"pairs: all {n_shards} shards already in {out}; nothing to do")
     t0 = time.time()
-    bar = tqdm(total=sum(shard_size(meta, k) for k in mine), unit="pair", desc="pairs",
+    bar = progress(total=sum(shard_size(meta, k) for k in mine), unit="pair", desc="pairs",
                disable=not accelerator.is_main_process or not todo)
     for k in mine:
         idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_pairs)))

@@ -4,6 +4,8 @@ Sources: [seed] the source report's table (docs/ALGORITHM.md, "Sources"); [teach
 card; [DMD2] Yin et al. 2024 and its code (tianweiy/DMD2); [here] measured on this project's machine
 (docs/RESULTS.md). A script's flag, where given, always wins over the table.
 """
+import json
+import os
 
 PRESETS = {
     "mnist": dict(
@@ -32,10 +34,26 @@ PRESETS = {
 }
 
 
-def dataset_name(dataset, custom):
-    """--dataset when given; else "custom" when your own teacher (or, to train one, image size) is given: shape,
-    classes and schedule then come from the teacher; else the embedded default, MNIST."""
-    return dataset or ("custom" if custom else "mnist")
+def dataset_name(dataset, teacher=None, image_size=None):
+    """--dataset when given; else the preset a --teacher was made for (preset_of); else "custom" when your own teacher
+    (or, to train one, an image size) is given: shape, classes and schedule then come from the teacher; else the
+    embedded default, MNIST."""
+    return dataset or preset_of(teacher) or ("custom" if teacher or image_size else "mnist")
+
+
+def preset_of(teacher):
+    """The preset a teacher was made for, else None: a preset's hub id, or a folder that train_teacher.py wrote for a
+    preset (its train_config.json records the dataset). Such a teacher is no stranger: read as "custom" it would miss
+    its preset's data and run folder (runs/mnist/teacher would look for its students in runs/custom)."""
+    hub_ids = {spec["teacher"]: name for name, spec in PRESETS.items() if spec["teacher"]}
+    if teacher is None or teacher in hub_ids:
+        return hub_ids.get(teacher)
+    record = os.path.join(teacher, "train_config.json")
+    if not os.path.isfile(record):
+        return None
+    with open(record) as f:
+        name = json.load(f).get("dataset")
+    return name if name in PRESETS and name != "custom" else None
 
 
 def default_guidance(guidable):

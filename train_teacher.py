@@ -14,10 +14,9 @@ import time
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
-from cli import UserError, keep_freed_memory, number, parse, run, script_parser
+from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import load_dataset, save_grid
 from files import STATE, TEACHER, check_run_folder, load_state, save_state, write_json
 from losses import denoising_loss
@@ -44,11 +43,12 @@ def main():
     p.add_argument("--image-size", type=number(int, 0), default=None,
                    help="your own images (--data-dir, no --dataset): the teacher's square size; class subfolders make "
                         "it class-conditional (label dropout gives the null class for guidance)")
-    p.add_argument("--channels", type=int, choices=[1, 3], default=3, help="your own images: grey (1) or RGB (3)")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="your own images: grey (1) or RGB (3); default 3")
     p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
                    help="what the backbone predicts; v gives clean one-step images before distillation")
     p.add_argument("--label-dropout", type=number(float, 0, inclusive=True), default=0.1,
-                   help="fraction of labels replaced by the null label, so the teacher supports guidance")
+                   help="fraction of labels replaced by the null label, so the teacher supports guidance "
+                        "(0: a custom teacher gets no null class)")
     p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0, help="EMA decay of the saved weights (0 = off)")
     p.add_argument("--grad-clip", type=number(float, 0), default=1.0, help="max gradient norm")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype (bf16 is faster on CPUs with bf16 units and on GPUs)")
@@ -60,7 +60,10 @@ def main():
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/teacher/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished teacher in <run-dir>/teacher/")
     args = parse(p)
-    shape = PRESETS[args.dataset]["shape"] or (args.channels, args.image_size, args.image_size)
+    shape = PRESETS[args.dataset]["shape"] or (args.channels or 3, args.image_size, args.image_size)
+    if PRESETS[args.dataset]["shape"] and (args.image_size or args.channels):
+        raise UserError(f"--image-size and --channels are for your own images, but {args.dataset}'s teacher makes "
+                        f"{'x'.join(map(str, shape))} images: drop them, or drop --dataset to train on --data-dir images")
     out = os.path.join(args.run_dir, TEACHER)
     state_path = os.path.join(out, STATE)
     check_run_folder(out, args.resume, args.overwrite, "a teacher", finished="train_config.json")
@@ -72,7 +75,7 @@ def main():
     dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process, shape=shape)
     torch.manual_seed(args.seed)  # the initial weights
     backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config, shape,
-                                       len(getattr(dataset, "classes", [])))
+                                       len(getattr(dataset, "classes", [])), null_class=args.label_dropout > 0)
     model = Denoiser(backbone, scheduler).to(accelerator.device)
     args.guidance = default_guidance(model.null_label is not None) if args.guidance is None else args.guidance
     # EMA of the parameters; BatchNorm statistics are recomputed for the averaged weights at the end (refresh_batchnorm)
@@ -110,7 +113,7 @@ def main():
                             step=step), state_path)
 
     t0, t_log, stop = time.time(), time.time(), False
-    bar = tqdm(total=total, initial=step, desc="teacher", disable=not accelerator.is_main_process)
+    bar = progress(total=total, initial=step, desc="teacher", disable=not accelerator.is_main_process)
     while step < total and not stop:
         epoch, offset = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -149,7 +152,7 @@ def main():
                 break
     bar.close()
     if ema:
-        refresh_batchnorm(Denoiser(ema.module, scheduler).to(accelerator.device), dataset, args)
+        refresh_batchnorm(Denoiser(ema.module, scheduler).to(accelerator.device).eval(), dataset, args)
     if accelerator.is_main_process:
         save_teacher(ema.module if ema else den.backbone, scheduler, out)
         write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
@@ -168,24 +171,29 @@ def main():
 @torch.no_grad()
 def refresh_batchnorm(den, dataset, args, batches=20):
     """Running BatchNorm statistics that match the EMA weights: the live model's statistics belong to other
-    weights, and with them the averaged network's outputs are far off. Cumulative average over `batches` batches."""
-    bns = [m for m in den.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    den.train()
+    weights, and with them the averaged network's outputs are far off. torch's update_bn (a cumulative average) over
+    `batches` batches of noised training images, each fed to the Denoiser as (x_t, t, y)."""
     gen = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, generator=gen)
     dev = next(den.parameters()).device
-    for _, (x0, y) in zip(range(batches), loader):
-        x0, y = x0.to(dev), y.to(dev)
-        t = torch.randint(0, den.T, (len(x0),), generator=gen).to(dev)
-        den(den.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), t), t, y)
-    for m in bns:
-        m.momentum = 0.1
-    den.eval()
+
+    def noised():  # update_bn passes each item's first element to the model: here the Denoiser's arguments
+        for _, (x0, y) in zip(range(batches), loader):
+            x0, y = x0.to(dev), y.to(dev)
+            t = torch.randint(0, den.T, (len(x0),), generator=gen).to(dev)
+            yield ((den.add_noise(x0, torch.randn(x0.shape, generator=gen).to(dev), t), t, y),)
+    update_bn(noised(), Unpacked(den).train(den.training))
+
+
+class Unpacked(torch.nn.Module):
+    """A module called with one tuple of arguments, as update_bn calls it."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, args):
+        return self.module(*args)
 
 
 if __name__ == "__main__":

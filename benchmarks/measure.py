@@ -13,7 +13,6 @@ import time
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 
 import dmd
 from losses import pseudo_huber
@@ -73,14 +72,13 @@ class DMDStep:
 
     def __init__(self, den, B, extra=()):
         self.shape, self.num_classes, self.dev = den.shape, den.num_classes, DEV
-        self.args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(list(extra))
-        net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, DDPMScheduler.from_config(den.scheduler_config),
+        flags = dmd.add_arguments(argparse.ArgumentParser()).parse_args(list(extra))
+        self.args = dmd.StepConfig.from_args(flags, batch_size=B, seed=0, guidance=default_guidance(den.null_label is not None))
+        net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, den.scheduler,
                                                     gan_head=self.args.gan_weight > 0)
         self.nets = dmd.Networks(net_g.to(DEV), mu_real.to(DEV), mu_fake.to(DEV), pseudo_huber)
         self.opt_g = torch.optim.AdamW(net_g.parameters(), 1e-6)
         self.opt_fake = torch.optim.AdamW(mu_fake.parameters(), 1e-6)
-        self.args.batch_size, self.args.seed = B, 0
-        self.args.guidance = default_guidance(mu_real.null_label is not None)
         self.pairs = None if self.args.reg_weight == 0 else (
             torch.randn(B, *self.shape), torch.rand(B, *self.shape) * 2 - 1,
             torch.arange(B) % self.num_classes if self.num_classes else None)

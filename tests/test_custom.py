@@ -1,20 +1,26 @@
 """Your own teacher and data in, a diffusers pipeline out: a class-conditional UNet2DModel saved the way diffusers'
 own examples save it (DDPMPipeline.save_pretrained) and PNGs in class subfolders, with no --dataset; the student
-loaded back by DiffusionPipeline.from_pretrained; bf16 that keeps the amplified x̂0 path in float32."""
+loaded back by DiffusionPipeline.from_pretrained (the MNIST ContextUnet's too, from anywhere, as its model card
+says); bf16 that keeps the amplified x̂0 path in float32."""
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_UNET, fake_images, read_json, run
 from accelerate.utils import convert_outputs_to_fp32
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from huggingface_hub import constants as hub_constants
 from PIL import Image
 
+from checkpoints import load_teacher, save_pipeline, save_student, weights_hash
+from cli import UserError
 from denoiser import Denoiser
-from networks import make_teacher
+from networks import class_labels_of, make_teacher
 from sampling import one_step
 
 
@@ -57,7 +63,9 @@ def test_own_teacher_and_data_end_to_end(custom):
         "--batch-size", 4, "--classifier-epochs", 1, "--ddim-steps", "1")
     rows = {row["model"]: row for row in read_json(r / "eval" / "report.json")["rows"]}
     assert list(rows) == ["real", "teacher-ddim-1", "teacher-ddim-2", "onestep-before", "onestep-before-guided", "student"]
-    assert all(0 <= rows[name]["class_accuracy"] <= 1 for name in rows if name != "real")
+    # the share of the 4 samples put in their requested class (k / 4); real images request none
+    assert all(rows[name]["class_accuracy"] in (0, 0.25, 0.5, 0.75, 1) for name in rows if name != "real")
+    assert rows["real"]["class_accuracy"] is None
     assert "Evaluation" in (r / "dmd" / "pipeline" / "README.md").read_text()  # the model card got the numbers
     run("sample.py", "--teacher", teacher, "--run-dir", r, "--model", "student", "--num-samples", 4, "--out", r / "s")
     assert np.load(r / "s" / "samples.npz")["images"].shape == (4, 48, 48, 3)
@@ -95,6 +103,82 @@ def test_student_pipeline_matches_sample_py(custom, tmp_path, K):
     theirs = np.load(tmp_path / "p.npy")
     assert ours.shape == theirs.shape == (4, 48, 48, 3)
     assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6
+
+
+def export_student(teacher, folder):
+    """The one-step teacher exported as distill.py exports a student: dmd/student/ and dmd/pipeline/ with its card."""
+    backbone, scheduler = load_teacher(str(teacher))
+    T = scheduler.config.num_train_timesteps
+    save_student(backbone, scheduler, str(folder / "student"), [T - 1])
+    config = dict(generator_timesteps=[T - 1], num_classes=class_labels_of(backbone)[0], reg_weight=0, T=T,
+                  teacher=str(teacher), teacher_hash=weights_hash(str(teacher)), dataset="tiny",
+                  prediction_type=scheduler.config.prediction_type)
+    save_pipeline(backbone, scheduler, str(folder / "pipeline"), [T - 1], config)
+    return folder
+
+
+CARD_RUNNER = """
+import importlib.util, sys
+import numpy as np, torch
+assert importlib.util.find_spec("contextunet") is None  # the repository is not importable here
+exec(open("card.py").read())  # the model card's own snippet
+np.save("card.npy", np.stack([np.asarray(image) for image in images]))
+seen = []  # the labels the UNet is asked for when the caller gives none
+pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
+torch.manual_seed(0)
+pipe(batch_size=200, num_inference_steps=1)
+np.save("drawn.npy", torch.cat(seen).numpy())
+ours = [m for m in ("networks", "denoiser", "checkpoints", "contextunet", "dmd", "sampling", "cli", "files") if m in sys.modules]
+assert not ours, ours
+"""
+
+
+def test_mnist_student_pipeline_loads_anywhere_with_diffusers_alone(mnist_run, tmp_path):
+    """The ContextUnet student's pipeline, copied to another folder, loads and samples in a fresh process started
+    elsewhere with a PYTHONPATH that does not hold the repository, by the code its model card gives
+    (trust_remote_code=True: the UNet's code travels in unet/), and makes sample.py's images within 1/255; called
+    without class labels it draws the 10 digits, never guidance's null label."""
+    run_dir = export_student(mnist_run / "teacher", tmp_path / "dmd")
+    run("sample.py", "--model", "student", "--student", run_dir / "student", "--run-dir", tmp_path, "--num-samples", 8,
+        "--out", tmp_path / "s")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(run_dir / "pipeline", elsewhere / "moved")
+    card = (elsewhere / "moved" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "trust_remote_code=True" in card
+    snippet = card.split("```python\n")[1].split("```")[0].replace("PATH/TO/THIS/FOLDER", str(elsewhere / "moved"))
+    (elsewhere / "card.py").write_text(snippet)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", CARD_RUNNER], cwd=elsewhere, capture_output=True, text=True,
+                       env=dict(env, PYTHONPATH=str(tmp_path), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = np.load(tmp_path / "s" / "samples.npz")["images"][..., 0].astype(int)
+    theirs = np.load(elsewhere / "card.npy").astype(int)
+    assert ours.shape == theirs.shape == (8, 28, 28) and np.abs(ours - theirs).max() <= 1  # uint8: 1/255
+    assert sorted(set(np.load(elsewhere / "drawn.npy").tolist())) == list(range(10))
+
+
+def test_pipeline_without_class_labels_draws_real_classes_only(tmp_path):
+    """A UNet2DModel student whose teacher has guidance's null class (its last embedding): the pipeline called
+    without class labels asks its UNet for real classes only."""
+    folder = export_student(custom_teacher(tmp_path / "teacher"), tmp_path / "dmd") / "pipeline"
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"]), with_kwargs=True)
+    torch.manual_seed(0)
+    pipe(batch_size=64, num_inference_steps=1, output_type="np")
+    assert sorted(torch.cat(seen).unique().tolist()) == [0, 1]
+
+
+def test_hub_id_without_network_fails_at_once(tmp_path, monkeypatch):
+    """No network and no HF_HUB_OFFLINE (a hub endpoint that refuses connections, an empty cache): one line at once,
+    not the download's ~25 s of retries."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    t0 = time.time()
+    with pytest.raises(UserError, match="hub id 'google/ddpm-cifar10-32' cannot be fetched without network"):
+        load_teacher("google/ddpm-cifar10-32")
+    assert time.time() - t0 < 5
 
 
 def test_bf16_keeps_the_amplified_x0_path_in_float32():

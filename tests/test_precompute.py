@@ -1,5 +1,9 @@
+import os
+import subprocess
+import sys
+
 import torch
-from conftest import read_json, run, tiny_teacher
+from conftest import ROOT, read_json, run, tiny_teacher
 from safetensors.torch import load_file
 
 from data import load_pairs
@@ -53,6 +57,17 @@ def test_pairs_are_ddim_from_their_noise_and_meta_is_complete(tmp_path):
     assert torch.equal(z[5], torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(7 + 5)))
     den = Denoiser(*load_teacher(teacher))
     torch.testing.assert_close(sample_teacher(den, z[:4], y[:4], 3, 3.0), x[:4], rtol=0, atol=1e-5)
+
+
+def test_log_to_a_file_has_status_lines_not_redrawn_bars(tmp_path):
+    """stderr to a file (not a terminal): the progress bar is plain lines, no carriage-return redraws."""
+    tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")
+    with open(tmp_path / "log", "w") as log:
+        subprocess.run([sys.executable, os.path.join(ROOT, "precompute.py"), "--run-dir", str(tmp_path), "--num-pairs",
+                        "4", "--sampling-steps", "2"], cwd=ROOT, stdout=log, stderr=log, check=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    log = (tmp_path / "log").read_bytes()  # bytes: reading text would turn carriage returns into newlines
+    assert b"\r" not in log and b"pairs: 100%" in log
 
 
 def test_rerun_with_another_teacher_is_refused(tmp_path):

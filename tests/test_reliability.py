@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,16 +16,22 @@ from safetensors.torch import load_file
 
 
 def kill_when(script, args, path, extra_wait=0.0):
-    """Start a script, kill -9 it as soon as `path` exists (plus extra_wait seconds), return when it is dead."""
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
-    deadline = time.time() + 300
-    while not os.path.exists(path) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(extra_wait)
-    p.kill()
-    p.wait()
+    """Start a script, kill -9 it as soon as `path` exists (plus extra_wait seconds), return when it is dead. Fails
+    unless `path` appeared and the kill is what ended the script (exit status -9): a script that crashed, or finished
+    before the kill, proves nothing about resuming."""
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=err,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+        deadline = time.time() + 300
+        while not os.path.exists(path) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(extra_wait)
+        p.kill()
+        p.wait()
+        err.seek(0)
+        assert os.path.exists(path) and p.returncode == -9, (f"{script} ended with status {p.returncode} before or "
+                                                             f"without the kill:\n{err.read()[-2000:]}")
     return p.returncode
 
 
@@ -130,6 +137,7 @@ BAD = [  # (script, args, words the one-line message must contain)
                     "--run-dir", "{root}/x"], "3 class subfolders but the teacher makes 2 classes"),
     ("evaluate.py", ["--fid", "--dataset", "mnist", "--teacher", "{root}/no_null", "--run-dir", "{root}/x"],
      "makes 3x48x48 images but mnist is 1x28x28"),
+    ("train_teacher.py", ["--dataset", "mnist", "--image-size", 7, "--run-dir", "{root}/x"], "are for your own images"),
 ]
 
 
