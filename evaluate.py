@@ -10,11 +10,15 @@ probe's, and every row uses the same seeds, labels and number of samples. A `rea
 the same reference) is the metric's floor. FID, KID, precision and recall come from torch-fidelity on Inception
 features where those weights can be had, else on the features of a classifier trained here on the real training
 data (cached in <run-dir>/classifier/); the report names the extractor, and the two kinds are never comparable.
-Writes report.json, report.md (table), grid.png (one row per model, same seeds) and fid_vs_nfe.png.
+Writes report.json, report.md (table), grid.png (one row per model, same seeds) and fid_vs_nfe.png, all of them only
+once every row has been measured: a failed or interrupted evaluation leaves the previous report as it was.
 """
+import functools
 import os
+import shutil
 import statistics
 import sys
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -23,7 +27,7 @@ from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
-from checkpoints import default_teacher, model_card, open_teacher, student_timesteps
+from checkpoints import default_teacher, open_teacher, student_timesteps, write_model_card
 from denoiser import check_guidance
 from recipes import default_guidance, grid_columns
 from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
@@ -68,6 +72,7 @@ def main():
     s = args.guidance
     check_guidance(teacher_den, s, teacher)
     seeds = held_out_seeds(args, pairs, distilled)
+    rows_to_run = select_rows(all_rows(args, teacher, pairs, s, teacher_den), args.rows)  # before any work
 
     # --- reference images, the feature classifier, the extractor
     real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.shape, num_classes)
@@ -87,52 +92,45 @@ def main():
         raise UserError(f"--num-samples {N} x --repeats {R} needs more real training images than the {len(real_draw)} "
                         f"here (the `real` row uses distinct ones): lower --num-samples or --repeats")
 
-    # --- rows: name -> (model folder or None for real images, sampler, NFE)
+    # --- every row on the same seeds and labels
     rows, grid = [], []
-    for name, source, sampler, nfe, draws in row_specs(args, teacher, pairs, s, teacher_den):
+    for spec in rows_to_run:
         per_repeat, seconds = [], []
-        den = teacher_den if source == teacher else None  # the teacher rows share the model loaded above
-        if source is not None and den is None:
-            den, _ = open_teacher(source, args.dataset, 1.0, args.device)
+        den = teacher_den if spec.source == teacher else None  # the teacher rows share the model loaded above
+        if spec.source is not None and den is None:
+            den, _ = open_teacher(spec.source, args.dataset, 1.0, args.device)
         for r in range(R):
             if den is None:  # real training images
                 images, labels = torch.stack([real_train[int(i)][0] for i in real_draw[r * N:(r + 1) * N]]), None
             else:
-                images, labels, sec = generate(den, sampler(den), range(r * N, (r + 1) * N), seeds[0], args.batch_size,
-                                               args.device, desc=name, draws=draws)
+                images, labels, sec = generate(den, functools.partial(spec.sampler, den), range(r * N, (r + 1) * N),
+                                               seeds[0], args.batch_size, args.device, desc=spec.name, draws=spec.draws)
                 seconds += sec[1:] or sec
             m = scores(extract(fe, layer, images, rgb, args.device), f_ref)
             m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
             per_repeat.append(m)
             if r == 0:
                 grid.append(images[:grid_columns(num_classes)])
-        row = dict(model=name, nfe=nfe, ms_per_image=1000 * statistics.median(seconds) / args.batch_size if seconds else None,
-                   kid_std=float(np.mean([m["kid_std"] for m in per_repeat])))
+        ms = 1000 * statistics.median(seconds) / args.batch_size if seconds else None
+        row = dict(model=spec.name, nfe=spec.nfe, ms_per_image=ms, kid_std=float(np.mean([m["kid_std"] for m in per_repeat])))
         for k in METRICS:
             values = [m[k] for m in per_repeat if m[k] is not None]
             row[k] = float(np.mean(values)) if values else None
             if R > 1 and values:
                 row[k + "_std"] = float(np.std(values, ddof=1))
         rows.append(row)
-        print(f"{name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), file=sys.stderr)
+        print(f"{spec.name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), file=sys.stderr)
 
     report = dict(dataset=args.dataset, feature_extractor=label, num_samples=N, repeats=R, reference=reference,
                   device=describe_device(args.device), guidance=s, seeds=dict(evaluation=seeds, pairs=pair_seeds(pairs)),
                   classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows)
     add_gap_closed(report)
-    os.makedirs(out, exist_ok=True)
-    write_json(report, os.path.join(out, "report.json"))
     md = markdown(report)
-    with atomic(os.path.join(out, "report.md")) as tmp, open(tmp, "w") as f:
-        f.write(md)
-    save_grid(torch.cat(grid), os.path.join(out, "grid.png"), nrow=len(grid[0]))
-    plot_fid_vs_nfe(report, os.path.join(out, "fid_vs_nfe.png"))
+    write_report(out, report, md, grid)
     pipeline = os.path.join(args.run_dir, DMD, PIPELINE)
     summary = os.path.join(args.run_dir, DMD, "summary.json")  # absent while a resumed run has not finished
     if os.path.isdir(pipeline) and distilled and os.path.exists(summary):  # the exported student's card gets the numbers
-        card = model_card(dict(distilled, steps_done=load_json(summary)["steps_done"]), report)
-        with atomic(os.path.join(pipeline, "README.md")) as tmp, open(tmp, "w") as f:
-            f.write(card)
+        write_model_card(pipeline, dict(distilled, steps_done=load_json(summary)["steps_done"]), report)
     print(md)
     print(f"eval: {out}/report.json, report.md, grid.png, fid_vs_nfe.png (rows: {', '.join(r['model'] for r in rows)})")
 
@@ -154,28 +152,82 @@ def held_out_seeds(args, pairs, distilled):
     return ours
 
 
-def row_specs(args, teacher, pairs, s, teacher_den):
-    """(name, model folder (None = real images), sampler(den) -> sample(noise, y, generator), NFE, noise draws per
-    sample) of every row. A student runs at the timesteps saved with it (its K steps: NFE = K)."""
+class Row(NamedTuple):
+    """One row of the report: what makes its images, and how."""
+    name: str
+    source: Optional[str]  # the model's folder or hub id; None = real training images
+    sampler: Optional[Callable]  # sampler(den, noise, y, generator) -> images in [-1, 1]; None for real images
+    nfe: Optional[int]  # network evaluations per image
+    draws: int = 1  # noise draws per sample: z, then the K-step generator's re-noising
+
+
+# The samplers, as sampler(den, noise, y, generator); a row binds its settings with functools.partial.
+def ddim_sampler(den, z, y, generator, steps, s):
+    return sample_teacher(den, z, y, steps, s)
+
+
+def ddpm_sampler(den, z, y, generator, s):
+    return sample_teacher(den, z, y, s=s, ddpm=True, generator=generator)
+
+
+def one_step_sampler(den, z, y, generator, s=1.0):
+    return one_step(den, z, y, s)
+
+
+def generator_sampler(den, noise, y, generator, timesteps):
+    return sample_generator(den, noise, y, timesteps)
+
+
+def all_rows(args, teacher, pairs, s, teacher_den):
+    """Every row this run can have. A student runs at the timesteps saved with it (its K steps: NFE = K)."""
     guided, T = s != 1.0 and teacher_den.null_label is not None, teacher_den.T
+    per_step = 2 if guided else 1  # a guided step evaluates the network twice
     steps = sorted(set(args.ddim_steps) | {pairs.get("sampling_steps", 25)})
-    specs = [("real", None, None, None, 1)]
-    specs += [(f"teacher-ddim-{n}", teacher, lambda den, n=n: (lambda z, y, g: sample_teacher(den, z, y, n, s)),
-               n * (2 if guided else 1), 1) for n in steps]
+    rows = [Row("real", None, None, None)]
+    rows += [Row(f"teacher-ddim-{n}", teacher, functools.partial(ddim_sampler, steps=n, s=s), n * per_step) for n in steps]
     if args.full_ddpm:
-        specs.append((f"teacher-ddpm-{T}", teacher,
-                      lambda den: (lambda z, y, g: sample_teacher(den, z, y, s=s, ddpm=True, generator=g)),
-                      T * (2 if guided else 1), 1))
-    specs.append(("onestep-before", teacher, lambda den: (lambda z, y, g: one_step(den, z, y)), 1, 1))
+        rows.append(Row(f"teacher-ddpm-{T}", teacher, functools.partial(ddpm_sampler, s=s), T * per_step))
+    rows.append(Row("onestep-before", teacher, one_step_sampler, 1))
     if guided:
-        specs.append(("onestep-before-guided", teacher, lambda den: (lambda z, y, g: one_step(den, z, y, s)), 2, 1))
+        rows.append(Row("onestep-before-guided", teacher, functools.partial(one_step_sampler, s=s), 2))
     for name in (STUDENT, STUDENT_EMA, STUDENT_BEST):
         folder = os.path.join(args.run_dir, DMD, name)
         if os.path.isdir(folder):
             ts = student_timesteps(folder, T)
-            specs.append((name.replace("_", "-"), folder,
-                          lambda den, ts=ts: (lambda noise, y, g: sample_generator(den, noise, y, ts)), len(ts), len(ts)))
-    return [row for row in specs if args.rows is None or row[0].startswith(args.rows)]
+            rows.append(Row(name.replace("_", "-"), folder, functools.partial(generator_sampler, timesteps=ts), len(ts),
+                            draws=len(ts)))
+    return rows
+
+
+def select_rows(rows, wanted):
+    """The rows whose names start with one of the prefixes `wanted` (--rows; None = all). A prefix that matches no
+    row is refused, naming the rows there are, before any work is done."""
+    if wanted is None:
+        return rows
+    unknown = [w for w in wanted if not any(row.name.startswith(w) for row in rows)]
+    if unknown:
+        raise UserError(f"--rows {','.join(unknown)} matches no row of this run: pick among "
+                        f"{', '.join(row.name for row in rows)} (or their start: teacher = every teacher row)")
+    return [row for row in rows if row.name.startswith(wanted)]
+
+
+def write_report(out, report, md, grid):
+    """report.json, report.md, grid.png and fid_vs_nfe.png, all made in a staging folder beside `out` and only then
+    renamed into it: a failure while making any of them leaves the previous report whole."""
+    stage = out.rstrip("/") + ".tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    try:
+        write_json(report, os.path.join(stage, "report.json"))
+        with open(os.path.join(stage, "report.md"), "w") as f:
+            f.write(md)
+        save_grid(torch.cat(grid), os.path.join(stage, "grid.png"), nrow=len(grid[0]))
+        plot_fid_vs_nfe(report, os.path.join(stage, "fid_vs_nfe.png"))
+        os.makedirs(out, exist_ok=True)
+        for name in sorted(os.listdir(stage)):
+            os.replace(os.path.join(stage, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def add_gap_closed(report):

@@ -1,3 +1,4 @@
+import argparse
 import json
 import shutil
 
@@ -7,9 +8,10 @@ import scipy.linalg
 import torch
 import torch_fidelity
 from conftest import read_json, run
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
+import evaluate
 import metrics
+from cli import UserError
 from metrics import Classifier
 from sampling import PROBE_SEED
 
@@ -41,11 +43,12 @@ def test_fid_of_a_set_against_itself_is_zero(classifier_dir):
 
 
 def test_fid_matches_closed_form_on_gaussians():
+    """metrics.scores' FID (what every report prints) is the Fréchet distance of the two feature sets' Gaussians,
+    ||mu1 - mu2||² + tr(S1 + S2 - 2 (S1 S2)^½), written out here with numpy and scipy."""
     rng = np.random.default_rng(0)
-    a = rng.normal(0, 1, (4000, 8))
-    b = rng.normal(0.5, 1, (4000, 8)) @ rng.normal(0, 0.6, (8, 8))
-    got = fid_statistics_to_metric(fid_features_to_statistics(torch.from_numpy(a)),
-                                   fid_features_to_statistics(torch.from_numpy(b)), False)["frechet_inception_distance"]
+    a = rng.normal(0, 1, (300, 8))  # few samples: scores() also computes KID and precision/recall on them
+    b = rng.normal(0.5, 1, (300, 8)) @ rng.normal(0, 0.6, (8, 8))
+    got = metrics.scores(torch.from_numpy(a).float(), torch.from_numpy(b).float())["fid"]
     mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
     assert abs(got - expected) / expected < 1e-3
@@ -62,7 +65,8 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
         "--probe-every", 1, "--probe-samples", 20)
     stats = [json.loads(line) for line in open(d / "dmd" / "stats.jsonl")]
     best = min(stats, key=lambda row: row["probe_fid"])
-    assert read_json(d / "dmd" / "student_best" / "probe.json") == dict(step=best["step"], probe_fid=best["probe_fid"])
+    assert read_json(d / "dmd" / "student_best" / "probe.json") == dict(step=best["step"], probe_fid=best["probe_fid"],
+                                                                        of="student")  # no EMA: the student itself
     r = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
             "--ddim-steps", "1,2")
     report = read_json(d / "eval" / "report.json")
@@ -74,17 +78,46 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     for name, row in rows.items():
         for key in ("fid", "kid", "kid_std", "precision", "recall"):
             assert np.isfinite(row[key]), (name, key)
-        if name != "real":
-            assert 0 <= row["class_accuracy"] <= 1 and row["ms_per_image"] > 0, name
+        if name != "real":  # the share of the 20 samples the classifier puts in their class: a multiple of 1/20
+            assert row["class_accuracy"] * 20 == pytest.approx(round(row["class_accuracy"] * 20), abs=1e-6), name
+            assert row["ms_per_image"] > 0, name
+    assert rows["real"]["class_accuracy"] is None  # real images have no requested class
     assert [rows[n]["nfe"] for n in ("teacher-ddim-1", "teacher-ddim-3", "onestep-before", "onestep-before-guided",
                                      "student")] == [2, 6, 1, 2, 1]  # guided: 2 evaluations per step
     evaluation, pairs = report["seeds"]["evaluation"], report["seeds"]["pairs"]
     assert pairs == [0, 48] and evaluation[0] >= pairs[1]  # held out: the student never saw these noises
     assert not set(range(*evaluation)) & set(range(PROBE_SEED, PROBE_SEED + 20))
-    assert "gap_closed" in rows["student"]
+    teacher, real = rows["teacher-ddim-3"]["fid"], rows["real"]["fid"]  # the pairs' sampler: the most NFE
+    assert report["gap_reference"] == "teacher-ddim-3"
+    assert rows["student"]["gap_closed"] == pytest.approx((teacher - rows["student"]["fid"]) / (teacher - real))
     for f in ("report.md", "grid.png", "fid_vs_nfe.png"):
         assert (d / "eval" / f).is_file(), f
     assert "| student | 1 |" in r.stdout
+    # a failed evaluation destroys nothing: a misspelt row is refused before any work, with one line naming the rows
+    # there are, and a row that fails after others succeeded (a truncated student) writes no file either
+    files = {f: (d / "eval" / f).read_bytes() for f in ("report.json", "report.md", "grid.png", "fid_vs_nfe.png")}
+    bad = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--rows", "real,studnet", check=False)
+    lines = [line for line in bad.stderr.splitlines() if line.strip() and "arning" not in line]
+    assert bad.returncode == 2 and len(lines) == 1 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert lines[0].startswith("error: --rows studnet matches no row") and "student-best" in lines[0], lines
+    weights = d / "dmd" / "student" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    bad = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
+              "--rows", "real,student", check=False)
+    assert bad.returncode == 2 and "real: fid" in bad.stderr and "could not be loaded" in bad.stderr, bad.stderr[-2000:]
+    assert {f: (d / "eval" / f).read_bytes() for f in files} == files and not (d / "eval.tmp").exists()
+
+
+def test_refuses_evaluation_seeds_that_overlap_the_training_probe():
+    """The probe scores the student during training on seeds PROBE_SEED.. (probe_samples of them, from dmd/config.json):
+    an evaluation on any of those seeds is refused; one just after them is not."""
+    args = argparse.Namespace(seed=PROBE_SEED + 15, num_samples=10, repeats=2)
+    distilled, pairs = dict(probe_samples=20), dict(seed=0, num_pairs=48)  # as in pairs/meta.json and dmd/config.json
+    with pytest.raises(UserError, match=f"overlap the training probe's {PROBE_SEED}..{PROBE_SEED + 19}"):
+        evaluate.held_out_seeds(args, pairs, distilled)
+    args.seed = PROBE_SEED + 20
+    assert evaluate.held_out_seeds(args, pairs, distilled) == [PROBE_SEED + 20, PROBE_SEED + 40]
+    assert evaluate.held_out_seeds(args, pairs, dict(probe_samples=0)) == [PROBE_SEED + 20, PROBE_SEED + 40]
 
 
 def test_scores_known_cases():

@@ -1,6 +1,7 @@
 import torch
+import torch.nn.functional as F
 
-from losses import dm_loss, dm_timesteps, pseudo_huber, regression_loss
+from losses import dm_loss, dm_timesteps, gan_discriminator_loss, gan_generator_loss, pseudo_huber, regression_loss
 
 
 def test_dm_gradient_is_g_over_numel():
@@ -13,6 +14,22 @@ def test_dm_gradient_is_g_over_numel():
     g = (p_fake - p_real) / w_formula
     torch.testing.assert_close(w, w_formula.flatten())
     torch.testing.assert_close(x.grad, g / x.numel())
+
+
+def test_gan_losses_push_the_logits_the_right_way():
+    """DMD2's softplus forms, and their gradients' signs: descending the generator's loss raises D's logit on G's
+    images; descending the head's loss raises D(real) and lowers D(fake)."""
+    logit_fake = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    logit_real = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)
+    loss_g = gan_generator_loss(logit_fake)
+    torch.testing.assert_close(loss_g, F.softplus(-logit_fake).mean())
+    loss_g.backward()
+    assert (logit_fake.grad < 0).all()
+    logit_fake.grad = None
+    loss_d = gan_discriminator_loss(logit_fake, logit_real)
+    torch.testing.assert_close(loss_d, (F.softplus(logit_fake) + F.softplus(-logit_real)).mean())
+    loss_d.backward()
+    assert (logit_fake.grad > 0).all() and (logit_real.grad < 0).all()
 
 
 def test_equal_scores_give_zero_gradient():

@@ -1,0 +1,190 @@
+"""Tests of direction: the method pushes the right way. Each test here fails when a sign or an argument order of the
+method is flipped (µreal and µfake swapped in the DM loss, the GAN losses' logits negated or swapped), which tests of
+shapes, finiteness and resume cannot see. They run the project's own code (dmd.py's updates, Denoiser, losses,
+metrics.class_accuracy, evaluate.add_gap_closed) on tiny inputs whose right answer is known in closed form."""
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from conftest import TINY_UNET
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import FrozenDict
+
+import dmd
+import evaluate
+import metrics
+from denoiser import Denoiser, make_dmd_networks
+from networks import make_teacher
+
+T = 1000
+SHAPE = (1, 4, 4)  # the Gaussian test's images: 16 i.i.d. pixels
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These networks are tiny: a second thread only adds synchronisation (and on a busy 2-core machine, waiting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def step_config(**fields):
+    """The DMD step's settings (the one place a test of this file builds them)."""
+    return dmd.StepConfig(**fields)
+
+
+def schedule(prediction_type):
+    return DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type)
+
+
+class GaussianDenoiser(nn.Module):
+    """The exact ε-prediction denoiser of data x0 ~ N(m, s²) per pixel, as a diffusers-like backbone. Under the DDPM
+    schedule x_t = √ᾱ x0 + √(1-ᾱ) ε is Gaussian too, so E[x0 | x_t] = m + √ᾱ s² / (ᾱ s² + 1 - ᾱ) · (x_t - √ᾱ m) and
+    ε̂ = (x_t - √ᾱ x̂0) / √(1-ᾱ). `stats()` gives (m, s) at call time: µfake reads the generator's current ones."""
+
+    def __init__(self, stats):
+        super().__init__()
+        self.stats = stats
+        self.config = FrozenDict(sample_size=SHAPE[-1], in_channels=SHAPE[0])  # what Denoiser reads: no classes
+        self.alphas_cumprod = schedule("epsilon").alphas_cumprod.double()
+
+    def forward(self, x_t, t, class_labels=None):
+        m, s = self.stats()
+        a, x = self.alphas_cumprod[t].view(-1, 1, 1, 1), x_t.double()
+        x0 = m + a.sqrt() * s ** 2 / (a * s ** 2 + 1 - a) * (x - a.sqrt() * m)
+        return types.SimpleNamespace(sample=((x - a.sqrt() * x0) / (1 - a).sqrt()).to(x_t.dtype))
+
+
+class AffineGenerator(nn.Module):
+    """A sample-prediction backbone read at t = T-1 with x_t = z: G(z) = µ + σ z, so its images are N(µ, σ²)."""
+
+    def __init__(self, mu, sigma):
+        super().__init__()
+        self.mu, self.sigma = nn.Parameter(torch.tensor(mu)), nn.Parameter(torch.tensor(sigma))
+        self.config = FrozenDict(sample_size=SHAPE[-1], in_channels=SHAPE[0])
+
+    def forward(self, z, t, class_labels=None):
+        return types.SimpleNamespace(sample=self.mu + self.sigma * z)
+
+
+@pytest.mark.parametrize("start", [(1.5, 1.5), (-1.0, 0.1)], ids=["from_above", "from_below"])
+def test_dm_gradient_moves_the_generator_to_the_real_distribution(start):
+    """dmd.generator_update with the DM loss alone, exact Gaussian denoisers as µreal (the data, N(0.3, 0.5²)) and µfake
+    (the generator's current N(µ, σ²)), drives G(z) = µ + σz to the data's mean and std from above and from below.
+    With µreal and µfake swapped anywhere on the way (dmd.py's call, losses.dm_loss) it runs away instead."""
+    m, s = 0.3, 0.5
+    g = AffineGenerator(*start)
+    mu_real = Denoiser(GaussianDenoiser(lambda: (m, s)), schedule("epsilon"))
+    mu_fake = Denoiser(GaussianDenoiser(lambda: (g.mu.item(), abs(g.sigma.item()))), schedule("epsilon"))
+    nets = dmd.Networks(Denoiser(g, schedule("sample")), mu_real, mu_fake, regression=None)
+    cfg = step_config(reg_weight=0, guidance=1.0, batch_size=64, grad_clip=1e9)
+    opt, gen, accelerator = torch.optim.Adam(g.parameters(), 0.02), torch.Generator().manual_seed(0), Accelerator(cpu=True)
+    for step in range(200):
+        dmd.generator_update(nets, opt, dmd.draw_batch(gen, step, cfg, SHAPE, 0, T), cfg, accelerator)
+    assert abs(g.mu.item() - m) < 0.03 and abs(abs(g.sigma.item()) - s) < 0.03, (g.mu.item(), g.sigma.item())
+
+
+GAN_SHAPE = (1, 16, 16)
+
+
+def gan_networks():
+    """Tiny unconditional UNet2DModel teacher -> netG, µreal, µfake with DMD2's head. (Its mid-block features are O(1)
+    at initialisation, so the head learns in a few steps; the tiny ContextUnet's bottleneck is ~0.02 and barely
+    differs between inputs until trained.)"""
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("custom", "v_prediction", unet=TINY_UNET, shape=GAN_SHAPE)
+    return dmd.Networks(*make_dmd_networks(backbone.eval(), scheduler, gan_head=True), regression=None)
+
+
+def square(n, gen):
+    """The "real" images: a bright square on a dark background, easily told from uniform noise (the "fake" ones)."""
+    x = -torch.ones(n, *GAN_SHAPE)
+    x[..., 5:11, 5:11] = 1
+    return x + 0.1 * torch.randn(x.shape, generator=gen)
+
+
+def noise(n, gen):
+    return torch.rand((n, *GAN_SHAPE), generator=gen) * 2 - 1
+
+
+def test_gan_head_learns_to_tell_real_from_fake():
+    """dmd.fake_score_update's head loss, on real squares against "generated" noise (t = 0: --gan-t-max 0), makes the
+    head score new real images above new fake ones by a margin. With real and fake swapped in the head's loss it
+    learns the opposite."""
+    nets, gen = gan_networks(), torch.Generator().manual_seed(0)
+    cfg = step_config(reg_weight=0, gan_weight=1.0, gan_disc_weight=1.0, gan_t_max=0, batch_size=8)
+    real = torch.utils.data.TensorDataset(square(16, gen), torch.zeros(16))
+    opt, accelerator = torch.optim.AdamW(nets.mu_fake.parameters(), 1e-2), Accelerator(cpu=True)
+    for step in range(20):
+        b = dmd.draw_batch(gen, step, cfg, GAN_SHAPE, 0, nets.mu_fake.T, None, real)
+        dmd.fake_score_update(nets, opt, noise(8, gen), b, cfg, accelerator)
+    t = torch.zeros(32, dtype=torch.long)
+    with torch.no_grad():
+        margin = nets.mu_fake(square(32, gen), t, realism=True).mean() - nets.mu_fake(noise(32, gen), t, realism=True).mean()
+    assert margin > 0.25, margin.item()  # 0.45 as written; negative with real and fake swapped
+
+
+def test_generator_gan_gradient_raises_the_heads_logit_on_its_images():
+    """dmd.generator_update with the GAN loss alone moves G so that the head scores G's images (same z, same GAN
+    noise) higher, every one of them: G climbs D. With the generator's loss on negated logits it descends."""
+    nets = gan_networks()
+    cfg = step_config(reg_weight=0, dm_weight=0, gan_weight=1.0, gan_t_max=0, batch_size=8)
+    b = dmd.draw_batch(torch.Generator().manual_seed(0), 0, cfg, GAN_SHAPE, 0, nets.net_g.T)
+    t_gen = torch.full((8,), nets.net_g.T - 1)
+
+    @torch.no_grad()
+    def logits():
+        x = dmd.generator(nets, b.z, t_gen, None)
+        return nets.mu_fake(dmd.gan_inputs(nets, x, b.eps_gan[0], b), b.t_gan, None, realism=True)
+    before, opt = logits(), torch.optim.SGD(nets.net_g.parameters(), 1.0)
+    for _ in range(3):
+        dmd.generator_update(nets, opt, b, cfg, Accelerator(cpu=True))
+    rise = logits() - before
+    assert rise.min() > 0, rise  # +0.001 to +0.03 as written; negative with the logits negated
+
+
+class BrightnessClassifier(nn.Module):
+    """A stand-in for metrics.Classifier whose answer is known: class c is the image whose mean brightness is
+    nearest CENTRES[c]. Returns (features, logits) like the real one."""
+    CENTRES = torch.linspace(-0.9, 0.9, 10)
+
+    def forward(self, x):
+        logits = -(x.mean(dim=(1, 2, 3))[:, None] - self.CENTRES).abs()
+        return logits, logits
+
+
+def test_class_accuracy_gives_the_known_fractions():
+    """metrics.class_accuracy on 40 images of known classes: all right, all wrong, and exactly a quarter right.
+    (Pixels outside [-1, 1] are clipped first, as in a saved image: class 9's images at 3.0 still read as 0.9.)"""
+    labels = torch.arange(40) % 10
+    images = BrightnessClassifier.CENTRES[labels].view(-1, 1, 1, 1).expand(-1, 1, 8, 8).clone()
+    images[labels == 9] = 3.0
+    clf = BrightnessClassifier()
+    assert metrics.class_accuracy(clf, images, labels) == 1.0
+    assert metrics.class_accuracy(clf, images, (labels + 1) % 10) == 0.0
+    quarter = torch.where(torch.arange(40) < 10, labels, (labels + 3) % 10)
+    assert metrics.class_accuracy(clf, images, quarter) == 0.25
+
+
+def test_gap_closed_is_the_formula_on_hand_made_rows():
+    """gap_closed = (FID_teacher - FID) / (FID_teacher - FID_real), the teacher being the DDIM row with the most NFE;
+    a student worse than that teacher closes a negative share; no real row or no positive gap: no number."""
+    def rows(*pairs):
+        return dict(rows=[dict(model=name, fid=fid, nfe=nfe) for name, fid, nfe in pairs])
+    report = rows(("real", 2.0, None), ("teacher-ddim-1", 50.0, 1), ("teacher-ddim-8", 10.0, 8),
+                  ("teacher-ddim-4", 14.0, 4), ("onestep-before", 80.0, 1), ("student", 6.0, 1), ("student-ema", 12.0, 1))
+    evaluate.add_gap_closed(report)
+    by_name = {r["model"]: r for r in report["rows"]}
+    assert report["gap_reference"] == "teacher-ddim-8"
+    assert by_name["student"]["gap_closed"] == pytest.approx((10 - 6) / (10 - 2))  # 0.5
+    assert by_name["student-ema"]["gap_closed"] == pytest.approx((10 - 12) / (10 - 2))  # -0.25
+    assert "gap_closed" not in by_name["onestep-before"] and "gap_closed" not in by_name["teacher-ddim-1"]
+    no_gap = rows(("real", 20.0, None), ("teacher-ddim-2", 10.0, 2), ("student", 6.0, 1))
+    evaluate.add_gap_closed(no_gap)
+    assert no_gap["rows"][-1]["gap_closed"] is None
+    no_real = rows(("teacher-ddim-2", 10.0, 2), ("student", 6.0, 1))
+    evaluate.add_gap_closed(no_real)
+    assert no_real["gap_reference"] is None and "gap_closed" not in no_real["rows"][-1]
