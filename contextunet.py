@@ -51,15 +51,16 @@ class ContextUnet(ModelMixin, ConfigMixin):
 
     Time t/T and the one-hot class go through small MLPs; the class embedding scales and the time
     embedding shifts the up-path features. Label `n_classes` is the "null" label of classifier-free
-    guidance: its one-hot row is all zeros. `num_class_embeds` (= n_classes + 1, the null label included) and
-    `return_dict` are what diffusers pipelines read from a UNet.
+    guidance: its one-hot row is all zeros. `num_class_embeds` and `return_dict` are what diffusers pipelines read
+    from a UNet: num_class_embeds = n_classes, the real classes only, because a pipeline called without class labels
+    draws them from range(num_class_embeds) and must not draw the null label (still accepted by forward).
     """
 
     @register_to_config
     def __init__(self, in_channels=1, n_feat=128, n_classes=10, sample_size=28, num_train_timesteps=400,
                  num_class_embeds=None):
         super().__init__()
-        self.register_to_config(num_class_embeds=n_classes + 1)
+        self.register_to_config(num_class_embeds=n_classes)  # folders saved before said n_classes + 1
         n = n_feat
         self.init_conv = ResidualConvBlock(in_channels, n, is_res=True)
         self.down1 = UnetDown(n, n)
@@ -76,6 +77,19 @@ class ContextUnet(ModelMixin, ConfigMixin):
 
     def forward(self, sample, timestep, class_labels=None, return_dict=True):
         B, n = sample.shape[0], self.config.n_feat
+        x, down1, down2, c, t, h = self._down_and_bottleneck(sample, timestep, class_labels)
+        up2 = self.up1(h, down2)
+        up3 = self.up2(self.contextembed2(c).view(B, n, 1, 1) * up2 + self.timeembed2(t).view(B, n, 1, 1), down1)
+        out = self.out(torch.cat((up3, x), 1))
+        return UNet2DOutput(sample=out) if return_dict else (out,)
+
+    def bottleneck(self, sample, timestep, class_labels=None):
+        """The 7x7 bottleneck (B, 2 n_feat, 7, 7) after the class embedding has scaled it and the time embedding has
+        shifted it: the first features that know x_t, t and y (DMD2's GAN head reads them)."""
+        return self._down_and_bottleneck(sample, timestep, class_labels)[-1]
+
+    def _down_and_bottleneck(self, sample, timestep, class_labels):
+        B, n = sample.shape[0], self.config.n_feat
         if class_labels is None:  # unconditional = the null label
             class_labels = torch.full((B,), self.config.n_classes, device=sample.device)
         c = F.one_hot(class_labels.long(), self.config.n_classes + 1)[:, :-1].to(sample.dtype)
@@ -83,14 +97,12 @@ class ContextUnet(ModelMixin, ConfigMixin):
         t = (t / self.config.num_train_timesteps)[:, None]
         x, down1, down2 = self.encode(sample)
         up1 = self.up0(self.to_vec(down2))
-        up2 = self.up1(self.contextembed1(c).view(B, 2 * n, 1, 1) * up1 + self.timeembed1(t).view(B, 2 * n, 1, 1), down2)
-        up3 = self.up2(self.contextembed2(c).view(B, n, 1, 1) * up2 + self.timeembed2(t).view(B, n, 1, 1), down1)
-        out = self.out(torch.cat((up3, x), 1))
-        return UNet2DOutput(sample=out) if return_dict else (out,)
+        h = self.contextembed1(c).view(B, 2 * n, 1, 1) * up1 + self.timeembed1(t).view(B, 2 * n, 1, 1)
+        return x, down1, down2, c, t, h
 
     def encode(self, sample):
-        """The down path: (x 28x28, down1 14x14, down2 7x7, the bottleneck). It sees neither t nor the class: both
-        enter on the way up."""
+        """The down path: (x 28x28, down1 14x14, down2 7x7). It sees neither t nor the class: both enter on the way
+        up."""
         x = self.init_conv(sample)
         down1 = self.down1(x)
         return x, down1, self.down2(down1)

@@ -19,7 +19,6 @@ class Denoiser(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.scheduler = scheduler  # the DDPM schedule it was trained with (saved beside a student)
-        self.scheduler_config = scheduler.config
         self.prediction_type = scheduler.config.prediction_type
         self.T = scheduler.config.num_train_timesteps
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(torch.float64), persistent=False)
@@ -52,10 +51,11 @@ class Denoiser(nn.Module):
         return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
 
     def bottleneck(self, x_t, t, y=None):
-        """The backbone's bottleneck features (B, C, h, w): ContextUnet's down path alone, or UNet2DModel's
+        """The backbone's bottleneck features (B, C, h, w), where x_t, t and y have all entered, so the GAN head can
+        judge "a real 7 at this noise level": ContextUnet's modulated 7x7 bottleneck (no up path), or UNet2DModel's
         mid-block output (through a whole forward: diffusers has no encoder-only call)."""
         if isinstance(self.backbone, ContextUnet):
-            return self.backbone.encode(x_t)[-1]
+            return self.backbone.bottleneck(x_t, t, y if self.num_classes else None)
         captured = []
         hook = self.backbone.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
@@ -90,17 +90,16 @@ class Denoiser(nn.Module):
         return self.to_x0(x_t, t, self.guided(x_t, t, y, s))
 
     def add_noise(self, x0, eps, t):
-        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε."""
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε (the scheduler's own)."""
+        return self.scheduler.add_noise(x0, eps, t)
 
     def target(self, x0, eps, t):
-        """What the backbone is trained to output at (x_t, t): the teacher's own denoising objective."""
+        """What the backbone is trained to output at (x_t, t): the teacher's own denoising objective
+        (v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 for v-prediction, the scheduler's get_velocity)."""
         if self.prediction_type == "epsilon":
             return eps
         if self.prediction_type == "v_prediction":
-            a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(x0.dtype)
-            return a.sqrt() * eps - (1 - a).sqrt() * x0
+            return self.scheduler.get_velocity(x0, eps, t)
         return x0
 
 

@@ -11,22 +11,25 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+import torch.nn as nn
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.utils import make_grid
-from tqdm import tqdm
 
 import dmd
-from cli import UserError, keep_freed_memory, number, parse, run, script_parser
+from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import load_pairs, load_splits, save_grid
 from files import (CLASSIFIER, DMD, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import make_probe
-from checkpoints import default_teacher, model_card, open_teacher, save_pipeline, save_student, weights_hash
-from denoiser import make_dmd_networks
+from checkpoints import default_teacher, open_teacher, save_pipeline, save_student, weights_hash
+from denoiser import Denoiser, make_dmd_networks
 from recipes import PRESETS, grid_columns
 from sampling import GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, seeded_noise
 
@@ -37,11 +40,16 @@ def parse_args():
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
     p.add_argument("--pairs", default=None, help="precomputed pairs folder; default <run-dir>/pairs")
     p.add_argument("--lr", type=number(float, 0), default=None, help="netG learning rate (seed: 5e-6 MNIST/CelebA, 1e-6 CIFAR-10)")
-    p.add_argument("--lr-fake", type=number(float, 0), default=None, help="µfake learning rate; default --lr")
+    p.add_argument("--lr-fake", type=number(float, 0), default=None, help="µfake (and GAN head) learning rate; default --lr")
+    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"],
+                   help="both lrs over the steps, after the warm-up: constant (DMD2), or decayed to 0 at the last step, "
+                        "so the run ends on its smallest updates instead of wherever a constant lr left it")
+    p.add_argument("--warmup-steps", type=number(int, 0, inclusive=True), default=0, help="linear lr warm-up from 0 (DMD2: 500)")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="global batch of fresh noise, and of pairs (seed: 64)")
     p.add_argument("--steps", type=number(int, 0), default=None, help="training steps (seed: 2000 MNIST/CelebA, 1520 CIFAR-10)")
-    p.add_argument("--max-minutes", type=number(float, 0), default=None, help="also stop after this much wall time (demo budget)")
-    p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0, help="EMA decay of netG, saved as student_ema (0 = off)")
+    p.add_argument("--max-minutes", type=number(float, 0), default=None, help="also stop after this much wall time (a cluster job's limit; results then depend on the machine's speed)")
+    p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0,
+                   help="EMA decay of netG's weights (0 = off); when on, the EMA is the student the probe keeps and the pipeline ships (student_ema/)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (bf16 recommended on GPU; DMD2 saw fp16 diverge)")
     p.add_argument("--report-to", default=None, choices=["tensorboard"], help="also log every stats row and sample grid there (<run-dir>/dmd/tensorboard)")
     p.add_argument("--log-every", type=number(int, 0), default=20, help="status line + stats.jsonl row every N steps")
@@ -61,6 +69,9 @@ def parse_args():
     args.lr_fake = args.lr_fake or args.lr
     args.steps = args.steps or recipe["steps"]
     args.teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
+    if args.pairs and args.reg_weight == 0:
+        raise UserError(f"--pairs {args.pairs} is read only by the regression loss, which --reg-weight 0 (DMD2) turns off: "
+                        f"drop --pairs, or give --reg-weight > 0 (DMD: 0.25)")
     args.pairs = (args.pairs or os.path.join(args.run_dir, PAIRS)) if args.reg_weight > 0 else None  # DMD2: no pairs
     if args.guidance is None and args.pairs and os.path.isfile(os.path.join(args.pairs, "meta.json")):
         args.guidance = load_json(os.path.join(args.pairs, "meta.json"))["guidance"]  # µreal must match the pairs'
@@ -79,147 +90,200 @@ def main():
     args = parse_args()
     out = os.path.join(args.run_dir, DMD)
     check_run_folder(out, args.resume, args.overwrite, "a distillation run")
-
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),  # cpu: real DDP under torchrun
                               log_with=args.report_to, project_dir=out if args.report_to else None)
-    world, rank, dev = accelerator.num_processes, accelerator.process_index, accelerator.device
+    world, rank, dev, main_process = (accelerator.num_processes, accelerator.process_index, accelerator.device,
+                                      accelerator.is_main_process)
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
+
+    # --- set-up: the teacher, netG / µreal / µfake, the data, the optimisers (docs/ALGORITHM.md)
     teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance)
-    scheduler = teacher.scheduler
-    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, scheduler, args.gan_weight > 0, args.seed))
-    shape, num_classes = mu_real.shape, mu_real.num_classes  # what the teacher makes
+    cfg = dmd.StepConfig.from_args(args)
+    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, teacher.scheduler,
+                                                                    cfg.gan_weight > 0, args.seed))
+    shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
     meta, pairs = read_pairs(args) if args.pairs else ({}, None)
-    real = (load_splits(args.dataset, args.data_dir, accelerator.is_main_process, shape, num_classes)[0]
-            if dmd.needs_real_images(args) else None)
-    check_method_inputs(args, net_g.T, real)
-    timesteps = generator_timesteps(net_g.T, args.generator_steps)
+    real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
+            if dmd.needs_real_images(cfg) else None)
+    check_method_inputs(args, T, real)
+    timesteps = generator_timesteps(T, cfg.generator_steps)
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c)
-    opt_g = torch.optim.AdamW(net_g.parameters(), lr=args.lr)
-    opt_fake = torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
-    ema = AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    gen = torch.Generator().manual_seed(args.seed)  # fresh z, y, t, ε: the same global stream on every process
-    step, best_probe = 0, float("inf")
+    opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
+    st = TrainState(net_g, mu_fake, opt_g, opt_fake, *(lr_schedule(args, o) for o in (opt_g, opt_fake)),
+                    AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+                    if args.ema else None,
+                    torch.Generator().manual_seed(args.seed))  # fresh z, y, t, ε: one global stream on every process
     if args.resume:
         saved = os.path.join(out, "config.json")
         check_same_method(args, load_json(saved) if os.path.exists(saved) else {}, out)
-        step, best_probe = restore(load_state(os.path.join(out, STATE)), net_g, mu_fake, opt_g, opt_fake, ema, gen)
-    net_g_ddp, mu_fake_ddp, opt_g, opt_fake = accelerator.prepare(net_g, mu_fake, opt_g, opt_fake)
+        st.load_state_dict(load_state(os.path.join(out, STATE)))
+    net_g_ddp, mu_fake_ddp, st.opt_g, st.opt_fake = accelerator.prepare(net_g, mu_fake, st.opt_g, st.opt_fake)
     nets = dmd.Networks(net_g, mu_real, mu_fake, reg_fn.to(dev) if reg_used == "lpips" else reg_fn, net_g_ddp, mu_fake_ddp)
     real_checksum = checksum(mu_real)  # recorded again at the end: µreal must never change
     config = dict(vars(args), reg_loss_used=reg_used, teacher_hash=weights_hash(args.teacher), num_processes=world,
-                  per_process_batch=args.batch_size // world, prediction_type=net_g.prediction_type, T=net_g.T,
+                  per_process_batch=args.batch_size // world, prediction_type=net_g.prediction_type, T=T,
                   num_classes=num_classes, generator_timesteps=timesteps, pairs_meta=meta)
     if reg_used != args.reg_loss:
         config["notice"] = f"LPIPS unavailable: regression loss fell back to {reg_used}"
 
-    # Sample grids on fixed seeds: one-step before distillation (top rows) vs the generator now (bottom rows).
-    n_grid = grid_columns(num_classes)
-    noise_grid = seeded_noise(range(n_grid * 2), shape, GRID_SEED, len(timesteps)).to(dev)
-    y_grid = balanced_labels(range(n_grid * 2), num_classes)
-    y_grid = y_grid.to(dev) if y_grid is not None else None
-    before = sample_generator(mu_real, noise_grid, y_grid, timesteps[:1]).cpu()
+    # The student this run ships (dmd/pipeline) and its probe keeps (student_best): the EMA of netG when there is one
+    shipped, shipped_name = ((Denoiser(st.ema.module, teacher.scheduler), STUDENT_EMA) if st.ema else (net_g, STUDENT))
+    config["exported"] = shipped_name
+
+    # --- what the run shows: sample grids on fixed seeds (one-step before distillation vs G now), the probe
+    grids = SampleGrid(mu_real, shape, num_classes, timesteps, dev) if main_process else None
     probe = None
-    if accelerator.is_main_process and args.probe_every:
+    if main_process and args.probe_every:
         probe = make_probe(os.path.join(args.run_dir, CLASSIFIER),
                            load_splits(args.dataset, args.data_dir, False, shape, num_classes)[1],
                            args.probe_samples, PROBE_SEED, shape, num_classes, timesteps, dev)
-    if accelerator.is_main_process:
-        start_folder(out, args, config, step)
+    if main_process:
+        start_folder(out, args, config, st.step)
     if args.report_to:  # hyperparameters as the tracker takes them: scalars and strings
         accelerator.init_trackers("tensorboard", {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))})
 
-    def save_checkpoint():
-        """Student (diffusers format) and the training state; main process only."""
-        if not accelerator.is_main_process:
-            return
-        save_student(net_g.backbone, scheduler, os.path.join(out, STUDENT), timesteps)
-        if ema:
-            save_student(ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps)
-        save_state(dict(net_g=net_g.backbone.state_dict(), mu_fake=mu_fake.backbone.state_dict(),
-                        gan_head=mu_fake.head.state_dict() if mu_fake.head is not None else {},
-                        opt_g=opt_g.state_dict(), opt_fake=opt_fake.state_dict(), ema=ema.state_dict() if ema else {},
-                        gen=gen.get_state(), step=step, best_probe=best_probe), os.path.join(out, STATE))
-
+    # --- the loop
     t0 = t_log = time.time()
-    step_log = step  # the step of the last stats row (ms_per_step averages since then)
+    step_log = st.step  # the step of the last stats row (ms_per_step averages since then)
     last_g = {}  # the latest generator-update numbers, logged at every interval (with --gen-every > 1 too)
-    g_updates = -(-step // args.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
-    bar = tqdm(total=args.steps, initial=step, desc="dmd", disable=not accelerator.is_main_process)
-    while step < args.steps:
-        # --- one DMD step (dmd.py)
-        batch = dmd.draw_batch(gen, step, args, shape, num_classes, net_g.T, pairs, real, rank, world, dev)
+    g_updates = -(-st.step // cfg.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
+    bar = progress(total=args.steps, initial=st.step, desc="dmd", disable=not main_process)
+    while st.step < args.steps:
+        # one DMD step (dmd.py)
+        batch = dmd.draw_batch(st.gen, st.step, cfg, shape, num_classes, T, pairs, real, rank, world, dev)
         try:
-            g_stats, last_fake = dmd.dmd_step(step, nets, opt_g, opt_fake, batch, args, accelerator)
+            g_stats, last_fake = dmd.dmd_step(st.step, nets, st.opt_g, st.opt_fake, batch, cfg, accelerator)
         except FloatingPointError as e:
-            raise UserError(f"{e} at step {step}: training diverged; the last good checkpoint is in {out} "
+            raise UserError(f"{e} at step {st.step}: training diverged; the last good checkpoint is in {out} "
                             f"(resume from it with a lower --lr)")
         if g_stats:
             g_updates += 1
-            last_g = dict(g_updates=g_updates, **g_stats)
-            if ema:
-                ema.update_parameters(net_g.backbone)
-        step += 1
+            last_g = dict(g_updates=g_updates, **g_stats, lr_g=st.sched_g.get_last_lr()[0])
+            if st.ema:
+                st.ema.update_parameters(net_g.backbone)
+        st.sched_g.step()  # both lrs are functions of the step (netG's too, though it updates every --gen-every)
+        st.sched_fake.step()
+        st.step += 1
+        step = st.step
         bar.update(1)
 
-        # --- logging, grids, probe and checkpoints, each on its own schedule
+        # the status line and the probe, sample grids, checkpoints: each on its own schedule
         stop = args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60
         stop = bool(accelerator.gather(torch.tensor([stop], device=dev)).any())  # every process stops together
         last = step == args.steps or stop
         probe_now = probe is not None and (step % args.probe_every == 0 or last)
-        if accelerator.is_main_process and (step % args.log_every == 0 or last or probe_now):
+        if main_process and (step % args.log_every == 0 or last or probe_now):
             ms = (time.time() - t_log) * 1000 / (step - step_log)
             t_log, step_log = time.time(), step
             row = dict(step=step, **last_g, **last_fake, ms_per_step=ms, images_per_s=args.batch_size * 1000 / ms,
                        minutes=(time.time() - t0) / 60)
-            if probe_now:
+            if probe_now:  # netG, and the EMA when there is one; the shipped student's best is kept
                 row.update(probe(net_g))
-                if row["probe_fid"] < best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
-                    best_probe = row["probe_fid"]
-                    save_student(net_g.backbone, scheduler, os.path.join(out, STUDENT_BEST), timesteps)
-                    write_json(dict(step=step, probe_fid=best_probe), os.path.join(out, STUDENT_BEST, "probe.json"))
+                if st.ema:
+                    row.update({f"{k}_ema": v for k, v in probe(shipped).items()})
+                fid = row["probe_fid_ema" if st.ema else "probe_fid"]
+                if fid < st.best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
+                    st.best_probe = fid
+                    save_student(shipped.backbone, teacher.scheduler, os.path.join(out, STUDENT_BEST), timesteps)
+                    write_json(dict(step=step, probe_fid=fid, of=shipped_name), os.path.join(out, STUDENT_BEST, "probe.json"))
             append_jsonl(row, os.path.join(out, "stats.jsonl"))
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
             accelerator.log(row, step=step)
-        if accelerator.is_main_process and (step % args.sample_every == 0 or last):
-            grid = torch.cat([before, sample_generator(net_g, noise_grid, y_grid, timesteps).cpu()])
-            save_grid(grid, os.path.join(out, "samples", f"step_{step:06d}.png"), nrow=n_grid)
-            save_grid(grid, os.path.join(out, "samples.png"), nrow=n_grid)
-            if args.report_to:
-                accelerator.get_tracker(args.report_to).log_images(
-                    {"samples (top: before, bottom: now)": make_grid(grid.clamp(-1, 1).add(1).div(2), nrow=n_grid)[None]}, step)
-        if step % args.ckpt_every == 0 or last:
-            save_checkpoint()
-            if accelerator.is_main_process:
-                plot_losses(out)
+        if main_process and (step % args.sample_every == 0 or last):
+            grids.save(net_g, out, step, accelerator.get_tracker(args.report_to) if args.report_to else None)
+        if main_process and (step % args.ckpt_every == 0 or last):
+            save_checkpoint(out, st, teacher.scheduler, timesteps)
+            plot_losses(out)
         if stop:
             break
     bar.close()
-    # Every process must hold the same netG and µfake (data parallelism); recorded so it can be checked.
+
+    # --- the end: every process must hold the same netG and µfake (data parallelism), recorded so it can be checked
     sums = accelerator.gather(torch.tensor([[checksum(net_g), checksum(mu_fake)]], dtype=torch.float64, device=dev))
-    if accelerator.is_main_process:
-        write_json(dict(steps_done=step, rank_checksums=sums.tolist(), wall_minutes=(time.time() - t0) / 60,
-                        stopped_by_time=step < args.steps, mu_real_checksum=[real_checksum, checksum(mu_real)],
-                        best_probe_fid=best_probe if probe else None),
+    if main_process:
+        write_json(dict(steps_done=st.step, rank_checksums=sums.tolist(), wall_minutes=(time.time() - t0) / 60,
+                        stopped_by_time=st.step < args.steps, mu_real_checksum=[real_checksum, checksum(mu_real)],
+                        best_probe_fid=st.best_probe if probe else None, exported=shipped_name),
                    os.path.join(out, "summary.json"))
-        save_pipeline(net_g.backbone, scheduler, os.path.join(out, PIPELINE), timesteps, model_card(dict(config, steps_done=step)))
-        print(f"dmd: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{STUDENT}, {out}/{PIPELINE} "
+        save_pipeline(shipped.backbone, teacher.scheduler, os.path.join(out, PIPELINE), timesteps,
+                      dict(config, steps_done=st.step))
+        print(f"dmd: {st.step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{shipped_name}, {out}/{PIPELINE} "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
     accelerator.end_training()  # closes the trackers, and the process group: after the last collective (the gather)
 
 
-def restore(state, net_g, mu_fake, opt_g, opt_fake, ema, gen):
-    """Load a training state saved by main()'s save_checkpoint; returns (step, best probe FID)."""
-    net_g.backbone.load_state_dict(state["net_g"])
-    mu_fake.backbone.load_state_dict(state["mu_fake"])
-    if mu_fake.head is not None:
-        mu_fake.head.load_state_dict(state["gan_head"])
-    opt_g.load_state_dict(state["opt_g"])
-    opt_fake.load_state_dict(state["opt_fake"])
-    if ema:
-        ema.load_state_dict(state["ema"])
-    gen.set_state(state["gen"])
-    return state["step"], state["best_probe"]
+@dataclass
+class TrainState:
+    """What a checkpoint holds and --resume restores: the two trained networks (µfake with its GAN head), their
+    optimisers, the EMA of netG, the random stream, the step and the best probe FID so far."""
+    net_g: nn.Module
+    mu_fake: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_fake: torch.optim.Optimizer
+    sched_g: torch.optim.lr_scheduler.LRScheduler
+    sched_fake: torch.optim.lr_scheduler.LRScheduler
+    ema: Optional[AveragedModel]
+    gen: torch.Generator
+    step: int = 0
+    best_probe: float = float("inf")
+
+    def state_dict(self):
+        return dict(net_g=self.net_g.backbone.state_dict(), mu_fake=self.mu_fake.backbone.state_dict(),
+                    gan_head=self.mu_fake.head.state_dict() if self.mu_fake.head is not None else {},
+                    opt_g=self.opt_g.state_dict(), opt_fake=self.opt_fake.state_dict(),
+                    sched_g=self.sched_g.state_dict(), sched_fake=self.sched_fake.state_dict(),
+                    ema=self.ema.state_dict() if self.ema else {}, gen=self.gen.get_state(), step=self.step,
+                    best_probe=self.best_probe)
+
+    def load_state_dict(self, state):
+        self.net_g.backbone.load_state_dict(state["net_g"])
+        self.mu_fake.backbone.load_state_dict(state["mu_fake"])
+        if self.mu_fake.head is not None:
+            self.mu_fake.head.load_state_dict(state["gan_head"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_fake.load_state_dict(state["opt_fake"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_fake.load_state_dict(state["sched_fake"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+        self.gen.set_state(state["gen"])
+        self.step, self.best_probe = state["step"], state["best_probe"]
+
+
+def lr_schedule(args, optimizer):
+    """The lr as a function of the step (diffusers' schedules): linear warm-up over --warmup-steps, then constant or
+    decayed to 0 at --steps."""
+    name = "constant_with_warmup" if args.lr_schedule == "constant" else args.lr_schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
+
+
+def save_checkpoint(out, st, scheduler, timesteps):
+    """The students (diffusers folders) and the training state; main process only."""
+    save_student(st.net_g.backbone, scheduler, os.path.join(out, STUDENT), timesteps)
+    if st.ema:
+        save_student(st.ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps)
+    save_state(st.state_dict(), os.path.join(out, STATE))
+
+
+class SampleGrid:
+    """Sample grids on fixed seeds: the one-step teacher before distillation (top rows) vs the generator now (bottom
+    rows), saved as samples/step_N.png and samples.png (and to the tracker, if any)."""
+
+    def __init__(self, mu_real, shape, num_classes, timesteps, dev):
+        self.nrow, self.timesteps = grid_columns(num_classes), timesteps
+        self.noise = seeded_noise(range(self.nrow * 2), shape, GRID_SEED, len(timesteps)).to(dev)
+        y = balanced_labels(range(self.nrow * 2), num_classes)
+        self.y = y.to(dev) if y is not None else None
+        self.before = sample_generator(mu_real, self.noise, self.y, timesteps[:1]).cpu()
+
+    def save(self, net_g, out, step, tracker=None):
+        grid = torch.cat([self.before, sample_generator(net_g, self.noise, self.y, self.timesteps).cpu()])
+        save_grid(grid, os.path.join(out, "samples", f"step_{step:06d}.png"), nrow=self.nrow)
+        save_grid(grid, os.path.join(out, "samples.png"), nrow=self.nrow)
+        if tracker is not None:
+            tracker.log_images({"samples (top: before, bottom: now)":
+                                make_grid(grid.clamp(-1, 1).add(1).div(2), nrow=self.nrow)[None]}, step)
 
 
 def start_folder(out, args, config, step):
@@ -285,7 +349,7 @@ def plot_losses(out):
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     keys = [k for k in ("loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
-                        "grad_fake", "probe_fid") if any(k in r for r in rows)]
+                        "grad_fake", "lr_g", "probe_fid", "probe_fid_ema") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])

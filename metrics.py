@@ -20,9 +20,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-from tqdm import tqdm
 
-from cli import UserError
+from cli import UserError, progress
 from data import to_uint8, to_unit
 from files import save_folder
 from sampling import balanced_labels, sample_generator, seeded_noise
@@ -112,7 +111,7 @@ def train_classifier(train, test, folder, num_classes, seed=0, epochs=8, dataset
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     loader = DataLoader(train, batch_size=128, shuffle=True, generator=gen)
-    for epoch in tqdm(range(epochs), desc="classifier"):
+    for epoch in progress(range(epochs), desc="classifier"):
         net.train()
         for x, y in loader:
             x, y = task_batch(x, y, labelled, gen)
@@ -206,14 +205,20 @@ def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, time
     noise = seeded_noise(range(num_samples), shape, seed, len(timesteps))
     y = balanced_labels(range(num_samples), num_classes)
 
+    def fid(x):
+        stats = fid_features_to_statistics(extract(fe, layer, x, False, device).double())
+        return float(fid_statistics_to_metric(stats, ref, False)["frechet_inception_distance"])
+
     @torch.no_grad()
     def probe(net_g):
-        x = torch.cat([sample_generator(net_g, noise[..., i:i + 250, :, :, :].to(device),
-                                        y[i:i + 250].to(device) if y is not None else None, timesteps).cpu()
-                       for i in range(0, num_samples, 250)])
-        fid = fid_statistics_to_metric(fid_features_to_statistics(extract(fe, layer, x, False, device).double()), ref,
-                                       False)["frechet_inception_distance"]
-        row = dict(probe_fid=float(fid))
+        """probe_fid (and probe_acc) of the generator's images; a K-step generator also gets probe_fid_k<k>, the FID
+        of its x̂0 after each earlier step k (where a collapse starts shows there)."""
+        chunks = [sample_generator(net_g, noise[..., i:i + 250, :, :, :].to(device),
+                                   y[i:i + 250].to(device) if y is not None else None, timesteps, every_step=True)
+                  for i in range(0, num_samples, 250)]
+        steps = [torch.cat([c[k].cpu() for c in chunks]) for k in range(len(timesteps))]
+        x = steps[-1]
+        row = dict(probe_fid=fid(x), **{f"probe_fid_k{k}": fid(x_k) for k, x_k in enumerate(steps[:-1])})
         if y is not None:
             row["probe_acc"] = class_accuracy(clf, x, y)
         return row

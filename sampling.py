@@ -11,7 +11,8 @@ import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from tqdm import tqdm
+
+import cli
 
 GRID_SEED, PROBE_SEED, EVAL_SEED = 10 ** 6, 2 * 10 ** 6, 10 ** 7
 
@@ -23,13 +24,13 @@ def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=N
     x̂0 clipped to [-1, 1] as the scheduler config says, and ε̂ recomputed from the clipped x̂0)
     or full ancestral DDPM (`ddpm=True`, every one of the T steps; randomness from `generator`)."""
     if ddpm:
-        sched = DDPMScheduler.from_config(denoiser.scheduler_config)
+        sched = DDPMScheduler.from_config(denoiser.scheduler.config)
         sched.set_timesteps(denoiser.T)
     else:
-        sched = DDIMScheduler.from_config(denoiser.scheduler_config, timestep_spacing="trailing")
+        sched = DDIMScheduler.from_config(denoiser.scheduler.config, timestep_spacing="trailing")
         sched.set_timesteps(steps)
     x = z
-    for t in (tqdm(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps):
+    for t in (cli.progress(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps):
         out = denoiser.guided(x, t.to(z.device), y, s)
         # use_clipped_model_output: with clip_sample, take ε̂ from the clipped x̂0, else guided steps diverge
         x = (sched.step(out, t, x, generator=generator) if ddpm else
@@ -65,18 +66,19 @@ def generator_timesteps(T, K):
 
 
 @torch.no_grad()
-def sample_generator(den, noise, y, timesteps):
+def sample_generator(den, noise, y, timesteps, every_step=False):
     """The K-step generator (K = len(timesteps)): x = z; for each step x̂0 = G(x, t_k, y), then x = the x̂0 noised to
     t_{k+1} with fresh noise (DMD2); the last x̂0 is the image. K network evaluations.
-    noise: (B, C, H, W) for K = 1, else (K, B, C, H, W) = z then the re-noising draws (seeded_noise(..., draws=K))."""
+    noise: (B, C, H, W) for K = 1, else (K, B, C, H, W) = z then the re-noising draws (seeded_noise(..., draws=K)).
+    every_step: return the list of every step's x̂0 (the training probe scores each)."""
     noise = noise[None] if noise.dim() == 4 else noise
-    x = noise[0]
+    x, x0s = noise[0], []
     for k, t in enumerate(timesteps):
         t = torch.full((len(x),), t, device=x.device)
-        x0 = den.x0(x, t, y)
+        x0s.append(den.x0(x, t, y))
         if k + 1 < len(timesteps):
-            x = den.add_noise(x0, noise[k + 1], torch.full_like(t, timesteps[k + 1]))
-    return x0
+            x = den.add_noise(x0s[-1], noise[k + 1], torch.full_like(t, timesteps[k + 1]))
+    return x0s if every_step else x0s[-1]
 
 
 @torch.no_grad()
@@ -88,7 +90,7 @@ def generate(den, sample, indices, seed, batch_size, device="cpu", desc="samplin
     images, labels, seconds = [], [], []
     indices = list(indices)
     shape = den.shape
-    for i in tqdm(range(0, len(indices), batch_size), desc=desc, leave=False):
+    for i in cli.progress(range(0, len(indices), batch_size), desc=desc, leave=False):
         idx = indices[i:i + batch_size]
         z, y = seeded_noise(idx, shape, seed, draws).to(device), balanced_labels(idx, den.num_classes)
         y_dev = y.to(device) if y is not None else None

@@ -1,8 +1,11 @@
+import argparse
 import json
+import os
 import shutil
 
 import torch
-from conftest import read_json, run, tiny_teacher
+from conftest import ROOT, read_json, run, tiny_teacher
+from metrics import Classifier
 from safetensors.torch import load_file
 
 FAST = ["--batch-size", 4, "--reg-loss", "pseudo_huber", "--log-every", 1, "--lr", 1e-4]
@@ -16,10 +19,19 @@ def fresh_run(mnist_run, tmp_path, name="run"):
     return dst
 
 
+def random_classifier(folder):
+    """A feature classifier with random weights where `evaluate.py --prepare` would train one: enough to run the
+    training probe (its numbers are meaningless)."""
+    torch.manual_seed(0)
+    Classifier(in_channels=1, num_outputs=10, width=4, feature_dim=8).save_pretrained(folder)
+
+
 def test_few_step_run_writes_every_artefact(mnist_run, tmp_path):
+    """Every artefact; with --ema, the probe scores netG and its EMA, and the EMA is the student kept and shipped."""
     d = fresh_run(mnist_run, tmp_path)
+    random_classifier(d / "classifier")
     r = run("distill.py", "--run-dir", d, "--steps", 4, "--ckpt-every", 2, "--sample-every", 2, "--ema", 0.9,
-            "--gen-every", 2, *FAST)
+            "--gen-every", 2, "--probe-every", 2, "--probe-samples", 20, *FAST)
     out = d / "dmd"
     for f in ("config.json", "summary.json", "stats.jsonl", "loss_curves.png", "samples.png", "samples/step_000002.png",
               "student/config.json", "student/diffusion_pytorch_model.safetensors", "student/scheduler_config.json",
@@ -35,6 +47,14 @@ def test_few_step_run_writes_every_artefact(mnist_run, tmp_path):
     for key in ("loss_fake", "grad_fake", "ms_per_step"):
         assert all(key in row for row in rows)
     assert "step 4 |" in r.stdout  # one status line per interval
+    probed = [row for row in rows if "probe_fid" in row]
+    assert [row["step"] for row in probed] == [2, 4] and all("probe_fid_ema" in row for row in probed)
+    best = read_json(out / "student_best" / "probe.json")
+    assert best["of"] == "student_ema" and best["probe_fid"] == min(row["probe_fid_ema"] for row in probed)
+    assert summary["exported"] == "student_ema"  # the pipeline ships the EMA, bit for bit
+    ema = load_file(out / "student_ema" / "diffusion_pytorch_model.safetensors")
+    shipped = load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert ema.keys() == shipped.keys() and all(torch.equal(ema[k], shipped[k]) for k in ema)
     # the student loads as a teacher-format folder and samples in one step
     run("sample.py", "--run-dir", d, "--model", "student", "--num-samples", 4, "--out", d / "s")
     assert (d / "s" / "samples.npz").is_file()
@@ -53,6 +73,10 @@ def test_resume_reaches_the_same_weights(mnist_run, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
     sa, sb = (torch.load(x / "dmd" / "train_state.pt", weights_only=True) for x in (a, b))
     assert all(torch.equal(sa["mu_fake"][k], sb["mu_fake"][k]) for k in sa["mu_fake"])
+    # the default schedule (cosine, decayed to 0 at the last step) resumes where it was
+    assert sa["sched_g"] == sb["sched_g"] and sa["opt_g"]["param_groups"][0]["lr"] == 0.0
+    lrs = [json.loads(l)["lr_g"] for l in open(a / "dmd" / "stats.jsonl")]
+    assert lrs[0] == 1e-4 and all(x > y for x, y in zip(lrs, lrs[1:]))  # FAST's --lr, then falling every step
     assert [json.loads(l)["step"] for l in open(b / "dmd" / "stats.jsonl")] == [1, 2, 3, 4, 5]
 
 
@@ -66,6 +90,7 @@ def test_dmd2_needs_no_pairs_and_resumes_exactly(mnist_run, tmp_path):
             "--generator-steps", 2, "--backward-simulation", "--gen-every", 2, *FAST]
     run("distill.py", "--run-dir", a, *args)
     run("distill.py", "--run-dir", b, *args, "--max-minutes", 1e-9)
+    assert torch.load(b / "dmd" / "train_state.pt", weights_only=True)["step"] == 1  # really stopped early
     run("distill.py", "--run-dir", b, *args, "--resume")
     sa, sb = (torch.load(x / "dmd" / "train_state.pt", weights_only=True) for x in (a, b))
     for key in ("net_g", "mu_fake", "gan_head"):
@@ -85,3 +110,24 @@ def test_refuses_pairs_from_another_teacher_or_guidance(mnist_run, tmp_path):
     r = run("distill.py", "--run-dir", d, "--steps", 1, *FAST, check=False)
     assert r.returncode == 2 and "another teacher" in r.stderr
     assert not (d / "dmd" / "train_state.pt").exists()
+
+
+def test_lr_schedule_warms_up_and_ends_at_zero():
+    """--warmup-steps ramps both lrs up linearly; linear and cosine reach 0 at --steps; constant stays."""
+    from distill import lr_schedule
+    for kind, end in (("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = lr_schedule(argparse.Namespace(lr_schedule=kind, warmup_steps=4, steps=10), opt)
+        lrs = []
+        for _ in range(10):
+            lrs.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0] and sched.get_last_lr()[0] == end, kind
+
+
+def test_the_demo_runs_a_fixed_number_of_steps():
+    """The demo's DMD stage stops at a step count, never on the wall clock, so any machine reproduces its table."""
+    make = open(os.path.join(ROOT, "Makefile")).read()
+    flags = make.split("DISTILL_FLAGS ?=")[1].split("\n\n")[0]
+    assert "--max-minutes" not in flags and "--steps" in flags

@@ -1,5 +1,5 @@
 """The DMD step of dmd.py, in-process on tiny networks."""
-import argparse
+import dataclasses
 import math
 
 import pytest
@@ -19,8 +19,7 @@ def setup(gen_every=1, seed=0):
     backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=TINY_N_FEAT)
     net_g, mu_real, mu_fake = make_dmd_networks(backbone.eval(), scheduler)
     nets = dmd.Networks(net_g, mu_real, mu_fake, pseudo_huber)
-    args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(["--gen-every", str(gen_every)])
-    args.guidance, args.batch_size, args.seed = 2.0, 4, 0
+    args = dmd.StepConfig(gen_every=gen_every, guidance=2.0, batch_size=4, seed=0)
     opts = torch.optim.AdamW(net_g.parameters(), 1e-3), torch.optim.AdamW(mu_fake.parameters(), 1e-3)
     n = 8
     pairs = (torch.randn(n, 1, 28, 28), torch.rand(n, 1, 28, 28) * 2 - 1, torch.arange(n) % 10)
@@ -57,9 +56,8 @@ def test_batch_is_a_slice_of_the_global_batch(dmd2):
     _, _, args, pairs = setup()
     real = None
     if dmd2:
-        args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(
-            ["--reg-weight", "0", "--gan-weight", "1e-3", "--generator-steps", "3", "--backward-simulation"])
-        args.batch_size, args.seed, pairs = 4, 0, None
+        args = dmd.StepConfig(reg_weight=0, gan_weight=1e-3, generator_steps=3, backward_simulation=True, batch_size=4)
+        pairs = None
         real = torch.utils.data.TensorDataset(torch.rand(12, 1, 28, 28), torch.arange(12) % 10)
     one = dmd.draw_batch(torch.Generator().manual_seed(3), 5, args, (1, 28, 28), 10, 400, pairs, real)
     names = [k for k, v in vars(one).items() if v is not None]
@@ -88,9 +86,8 @@ def dmd2_setup(K=1, backward_simulation=False, gan_weight=3e-3, seed=0):
     backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=TINY_N_FEAT)
     net_g, mu_real, mu_fake = make_dmd_networks(backbone.eval(), scheduler, gan_head=gan_weight > 0)
     nets = dmd.Networks(net_g, mu_real, mu_fake, pseudo_huber)
-    flags = ["--reg-weight", "0", "--gan-weight", str(gan_weight), "--generator-steps", str(K)]
-    args = dmd.add_arguments(argparse.ArgumentParser()).parse_args(flags + ["--backward-simulation"] * backward_simulation)
-    args.guidance, args.batch_size, args.seed = 2.0, 6, 0
+    args = dmd.StepConfig(reg_weight=0, gan_weight=gan_weight, generator_steps=K, backward_simulation=backward_simulation,
+                          guidance=2.0, batch_size=6)
     real = torch.utils.data.TensorDataset(torch.rand(12, 1, 28, 28) * 2 - 1, torch.arange(12) % 10)
     batch = dmd.draw_batch(torch.Generator().manual_seed(1), 0, args, (1, 28, 28), 10, net_g.T, None, real)
     return nets, args, batch
@@ -104,16 +101,23 @@ def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient():
     grads = {}
     for w in (0.0, args.gan_weight):
         nets_w = dmd.Networks(*dmd2_setup()[0].__dict__.values())
-        args.gan_weight = w
-        x, stats = dmd.generator_update(nets_w, torch.optim.SGD(nets_w.net_g.parameters(), 0.0), b, args, Accelerator(cpu=True))
+        x, stats = dmd.generator_update(nets_w, torch.optim.SGD(nets_w.net_g.parameters(), 0.0), b,
+                                        dataclasses.replace(args, gan_weight=w), Accelerator(cpu=True))
         assert all(p.grad is None for p in nets_w.mu_fake.parameters())
         grads[w] = stats["grad_g"]
     assert grads[3e-3] != grads[0.0] and "loss_gan" in stats and math.isfinite(stats["loss_gan"])
-    # fake score update: the head's own loss (real vs G's images) trains it
-    g_stats, f_stats = dmd.dmd_step(0, nets, opt_g, opt_fake, b, args, Accelerator(cpu=True))
-    assert changed(head, nets.mu_fake.head) and not changed(real, nets.mu_real)
-    assert {"loss_disc", "d_real", "d_fake", "loss_gan"} <= set(f_stats) | set(g_stats)
-    assert 0 < f_stats["d_real"] < 1 and math.isfinite(f_stats["loss_disc"])
+    # fake score update: the head's own loss (real vs G's images) trains it, and its logged numbers are that loss
+    # and D's mean probabilities on the real and on G's images (the head's logits just before the update)
+    x, g_stats = dmd.generator_update(nets, opt_g, b, args, Accelerator(cpu=True))
+    with torch.no_grad():
+        logit_fake, logit_real = (nets.mu_fake(dmd.gan_inputs(nets, images, eps, b), b.t_gan, y, realism=True)
+                                  for images, eps, y in ((x, b.eps_gan[0], b.y), (b.x_real, b.eps_gan[1], b.y_real)))
+    f_stats = dmd.fake_score_update(nets, opt_fake, x, b, args, Accelerator(cpu=True))
+    assert changed(head, nets.mu_fake.head) and not changed(real, nets.mu_real) and "loss_gan" in g_stats
+    softplus = torch.nn.functional.softplus  # loss_D = softplus(D(fake)) + softplus(-D(real)), written out
+    assert f_stats["loss_disc"] == pytest.approx((softplus(logit_fake) + softplus(-logit_real)).mean().item(), rel=1e-4)
+    assert f_stats["d_real"] == pytest.approx(torch.sigmoid(logit_real).mean().item(), rel=1e-4)
+    assert f_stats["d_fake"] == pytest.approx(torch.sigmoid(logit_fake).mean().item(), rel=1e-4)
 
 
 def test_backward_simulation_makes_inputs_at_the_chosen_timesteps():
@@ -144,3 +148,17 @@ def test_k_step_generator_samples_with_k_network_evaluations():
     assert len(calls) == 4 and [int(t[0]) for t in calls] == ts and x.shape == (3, 1, 28, 28)
     one = sample_generator(den, noise[0], torch.tensor([1, 2, 3]), ts[:1])  # K = 1 is the one-step generator
     torch.testing.assert_close(one, one_step(den, noise[0], torch.tensor([1, 2, 3])))
+
+
+def test_gan_head_reads_features_that_know_t_and_y():
+    """The head on ContextUnet reads the bottleneck after the time and class embeddings entered it: its features
+    (and so its logit) change with t and with y for the same x_t."""
+    nets, _, _ = dmd2_setup()
+    mu_fake, x = nets.mu_fake, torch.randn(2, 1, 28, 28)
+    t, y = torch.tensor([20, 20]), torch.tensor([3, 3])
+    with torch.no_grad():
+        h = mu_fake.bottleneck(x, t, y)
+        assert not torch.allclose(h, mu_fake.bottleneck(x, t + 300, y))
+        assert not torch.allclose(h, mu_fake.bottleneck(x, t, y + 4))
+        logit = mu_fake(x, t, y, realism=True)
+        assert not torch.allclose(logit, mu_fake(x, t + 300, y, realism=True))
