@@ -80,6 +80,14 @@ def write_model_card(folder, config, report=None):
         f.write(card)
 
 
+def checkpoint_note(config):
+    """Which of a run's students this pipeline holds, and why (distill.py ships the final EMA when there is one)."""
+    if config.get("exported") == "student_ema":
+        return (f"the exponential moving average of netG's weights (decay {config['ema']}) at the last step: the "
+                f"average of the late iterates, which score better than any one of them when training oscillates")
+    return "netG's weights at the last step (run with --ema for an averaged student)"
+
+
 def model_card(config, report=None, custom_code=False):
     """The text of the model card: the hub's metadata header, what the student is, its teacher and recipe, the code
     that loads and runs it, and its evaluation if any."""
@@ -100,7 +108,8 @@ def model_card(config, report=None, custom_code=False):
              f"- teacher: `{config['teacher']}` (weights sha256 {config['teacher_hash']}), {config['prediction_type']}, "
              f"T = {config['T']}; the generator runs at timesteps {config['generator_timesteps']}",
              f"- data: {config['dataset']}" + (f" ({config['data_dir']})" if config.get("data_dir") else ""),
-             f"- recipe: `distill.py {flags}`, {config.get('steps_done', '?')} steps", "",
+             f"- recipe: `distill.py {flags}`, {config.get('steps_done', '?')} steps",
+             f"- checkpoint: {checkpoint_note(config)}", "",
              "```python", "import torch", "from diffusers import DiffusionPipeline",
              f"pipe = DiffusionPipeline.from_pretrained({load}",
              f"images = pipe(batch_size={n}, {labels}num_inference_steps={K}, "

@@ -15,9 +15,9 @@ class Denoiser(nn.Module):
     """Wraps a backbone and its schedule. `x0(x_t, t, y, s)` is the teacher's estimate of the clean image. µfake
     also carries DMD2's GAN head (`head`), so that one optimiser and one data-parallel wrapper hold both."""
 
-    def __init__(self, backbone, scheduler, head=None):
+    def __init__(self, backbone, scheduler, head=None, head_input="bottleneck"):
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.head_input = backbone, head, head_input
         self.scheduler = scheduler  # the DDPM schedule it was trained with (saved beside a student)
         self.prediction_type = scheduler.config.prediction_type
         self.T = scheduler.config.num_train_timesteps
@@ -55,6 +55,8 @@ class Denoiser(nn.Module):
         judge "a real 7 at this noise level": ContextUnet's modulated 7x7 bottleneck (no up path), or UNet2DModel's
         mid-block output (through a whole forward: diffusers has no encoder-only call)."""
         if isinstance(self.backbone, ContextUnet):
+            if self.head_input == "down":  # --gan-head-input down: the down path alone, blind to t and y
+                return self.backbone.encode(x_t)[-1]
             return self.backbone.bottleneck(x_t, t, y if self.num_classes else None)
         captured = []
         hook = self.backbone.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
@@ -103,9 +105,9 @@ class Denoiser(nn.Module):
         return x0
 
 
-def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0):
+def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="bottleneck"):
     """netG, µreal, µfake: three copies of µbase (µfake with DMD2's GAN head when `gan_head`, its initial weights
-    drawn from `seed`, so runs repeat and every process starts alike). µreal is frozen; all three run in eval mode
+    drawn from `seed`, so runs repeat and every process starts alike; `head_input`: Denoiser.bottleneck). µreal is frozen; all three run in eval mode
     (dropout off, BatchNorm on running statistics) so an image never depends on its batch."""
     net_g = Denoiser(copy.deepcopy(backbone), scheduler).eval().requires_grad_(True)
     head = None
@@ -113,7 +115,7 @@ def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0):
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             torch.manual_seed(seed)
             head = DiscriminatorHead(bottleneck_channels(backbone), class_labels_of(backbone)[0])
-    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head).eval().requires_grad_(True)
+    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head, head_input).eval().requires_grad_(True)
     mu_real = Denoiser(backbone, scheduler).eval().requires_grad_(False)
     return net_g, mu_real, mu_fake
 

@@ -101,7 +101,7 @@ def main():
     teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance)
     cfg = dmd.StepConfig.from_args(args)
     net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, teacher.scheduler,
-                                                                    cfg.gan_weight > 0, args.seed))
+                                                                    cfg.gan_weight > 0, args.seed, args.gan_head_input))
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
     meta, pairs = read_pairs(args) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
@@ -314,6 +314,7 @@ def check_same_method(args, saved, out):
     """--resume continues the run in `out`: the networks and their optimisers must be the ones it saved."""
     for flag, now, then in (("--gan-weight > 0", args.gan_weight > 0, saved.get("gan_weight", 0) > 0),
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
+                            ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0)):
         if now != then:
             raise UserError(f"cannot --resume {out} with {flag} = {now}: it was made with {then}; "

@@ -232,13 +232,14 @@ def write_report(out, report, md, grid):
 
 def add_gap_closed(report):
     """For each student: the share of the teacher -> real FID gap it closes, (FID_teacher - FID) / (FID_teacher -
-    FID_real), against the teacher at the pairs' sampler (the largest DDIM step count evaluated)."""
+    FID_real), against the teacher's BEST row of the FID-vs-NFE curve (its lowest FID over the DDIM step counts
+    evaluated): a student is read against the best the teacher can do, not against one chosen sampler."""
     by_name = {r["model"]: r for r in report["rows"]}
     teachers = [r for r in report["rows"] if r["model"].startswith("teacher-ddim-")]
     if not teachers or "real" not in by_name:  # --rows left them out
         report["gap_reference"] = None
         return
-    teacher = max(teachers, key=lambda r: r["nfe"])
+    teacher = min(teachers, key=lambda r: r["fid"])
     gap = teacher["fid"] - by_name["real"]["fid"]
     report["gap_reference"] = teacher["model"]
     for r in report["rows"]:

@@ -162,3 +162,5 @@ def test_gan_head_reads_features_that_know_t_and_y():
         assert not torch.allclose(h, mu_fake.bottleneck(x, t, y + 4))
         logit = mu_fake(x, t, y, realism=True)
         assert not torch.allclose(logit, mu_fake(x, t + 300, y, realism=True))
+        mu_fake.head_input = "down"  # --gan-head-input down: the down path alone, blind to t and y
+        assert torch.equal(mu_fake.bottleneck(x, t, y), mu_fake.bottleneck(x, t + 300, y + 4))
