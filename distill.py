@@ -83,6 +83,11 @@ def parse_args():
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
     if args.backward_simulation and args.generator_steps == 1:
         raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
+    if args.divergence != "reverse-kl" and args.gan_weight == 0:
+        raise UserError(f"--divergence {args.divergence} weighs the DM gradient by the density ratio the GAN head "
+                        f"estimates, and --gan-weight 0 has no head: add --gan-weight > 0 (the demo: 3e-2), or drop --divergence")
+    if args.ratio_min >= args.ratio_max:
+        raise UserError(f"--ratio-min {args.ratio_min} / --ratio-max {args.ratio_max}: need ratio-min < ratio-max (f-distill: 0.1, 20)")
     return args
 
 
@@ -350,7 +355,7 @@ def plot_losses(out):
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     keys = [k for k in ("loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
-                        "grad_fake", "lr_g", "probe_fid", "probe_fid_ema") if any(k in r for r in rows)]
+                        "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])

@@ -20,7 +20,8 @@ import torch.nn as nn
 from torch.profiler import record_function
 
 from cli import number
-from losses import denoising_loss, dm_loss, dm_timesteps, gan_discriminator_loss, gan_generator_loss
+from losses import (F_DIVERGENCES, denoising_loss, dm_loss, dm_timesteps, f_divergence_weight, gan_discriminator_loss,
+                    gan_generator_loss)
 from denoiser import Denoiser
 from sampling import generator_timesteps
 
@@ -44,6 +45,10 @@ class StepConfig:
     generator_steps: int = 1
     backward_simulation: bool = False
     grad_clip: float = 1.0
+    divergence: str = "reverse-kl"
+    ratio_min: float = 0.1
+    ratio_max: float = 20.0
+    ratio_bins: int = 10
 
     @classmethod
     def from_args(cls, args, **overrides):
@@ -73,6 +78,13 @@ def add_arguments(p):
     p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
     p.add_argument("--grad-clip", type=number(float, 0), default=C.grad_clip, help="max gradient norm, both networks")
+    p.add_argument("--divergence", default=C.divergence, choices=list(F_DIVERGENCES),
+                   help="the f-divergence the DM gradient minimises (f-distill): reverse-kl = DMD (mode-seeking); js, "
+                        "forward-kl, ... weight each sample by h(r), r = p_real/p_fake from the GAN head (needs --gan-weight > 0)")
+    p.add_argument("--ratio-min", type=number(float, 0), default=C.ratio_min, help="f-divergence: r clipped below at this (f-distill: 0.1)")
+    p.add_argument("--ratio-max", type=number(float, 0), default=C.ratio_max, help="f-divergence: r clipped above at this (f-distill: 20)")
+    p.add_argument("--ratio-bins", type=number(int, 0, inclusive=True), default=C.ratio_bins,
+                   help="f-divergence: r divided by its batch mean within this many t-bins, so h does not just follow t (f-distill: 10; 0 = off)")
     return p
 
 
@@ -216,7 +228,8 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
             x_t = nets.net_g.add_noise(x.detach(), b.eps_dm, b.t_dm)
             p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided: the real score
             p_fake = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
-        loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float())
+        h, f_stats = (None, {}) if cfg.divergence == "reverse-kl" else f_weights(nets, x_t, b, cfg, accelerator)
+        loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float(), h)
         loss_reg = nets.regression(x_reg.float(), b.x_ref.float()) if with_pairs else torch.zeros(())
         loss_gan = torch.zeros(())
         if cfg.gan_weight > 0:
@@ -230,10 +243,25 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
         grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-    stats = dict(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(), grad_g=grad.item())
+    stats = dict(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(), grad_g=grad.item(),
+                 **f_stats)
     if cfg.gan_weight > 0:
         stats["loss_gan"] = loss_gan.item()
     return x.detach(), stats
+
+
+@torch.no_grad()
+def f_weights(nets, x_t, b, cfg, accelerator):
+    """f-divergence weights h of the DM loss's samples, from µfake's GAN head on the very x_t and t the DM loss uses
+    (one more head evaluation). The ratio's normalisation runs over the GLOBAL batch (gathered from every process),
+    so N processes weigh as one. Returns (h of this process's samples, the numbers to log)."""
+    with record_function("µfake's head on the DM loss's x_t (f-divergence)"):
+        logit = nets.mu_fake(x_t, b.t_dm, b.y, realism=True).float()
+    h, r = f_divergence_weight(cfg.divergence, accelerator.gather(logit), accelerator.gather(b.t_dm), nets.mu_fake.T,
+                               cfg.ratio_min, cfg.ratio_max, cfg.ratio_bins)
+    stats = dict(r_mean=r.mean().item(), r_min=r.min().item(), r_max=r.max().item(),
+                 h_mean=h.mean().item(), h_min=h.min().item(), h_max=h.max().item())
+    return h.chunk(accelerator.num_processes)[accelerator.process_index], stats
 
 
 def fake_score_update(nets, opt_fake, x, b, cfg, accelerator):

@@ -15,21 +15,62 @@ def dm_timesteps(B, T, generator=None, t_min=0.02, t_max=0.98):
     return torch.randint(lo, hi + 1, (B,), generator=generator)
 
 
-def dm_loss(x, p_real, p_fake):
+def dm_loss(x, p_real, p_fake, h=None):
     """Distribution matching loss.
 
     x:      (B, C, H, W) generator output G(z, y), with grad
     p_real: (B, C, H, W) µreal's x̂0 of the noised x (no grad, guided)
     p_fake: (B, C, H, W) µfake's x̂0 of the same noised x (no grad)
+    h:      (B,) f-divergence weights (f_divergence_weight, no grad); None = reverse KL, DMD itself
 
-    w = mean_{C,H,W} |x - p_real| per sample;  g = (p_fake - p_real) / w, NaN/inf -> 0;
+    w = mean_{C,H,W} |x - p_real| per sample;  g = h (p_fake - p_real) / w, NaN/inf -> 0;
     loss = 0.5 MSE(x, stopgrad(x - g)), whose gradient w.r.t. x is g / numel(x): the score difference
     s_fake - s_real (up to weighting), i.e. ∇θ D_KL = E[-(s_real - s_fake) ∇θ G].
     Returns (loss, w (B,)) - w is logged: a collapsing w means x sits on µreal's prediction.
     """
     w = (x.detach() - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     g = torch.nan_to_num((p_fake - p_real) / w, nan=0.0, posinf=0.0, neginf=0.0)  # (B, C, H, W)
+    if h is not None:
+        g = h.view(-1, 1, 1, 1) * g
     return 0.5 * F.mse_loss(x, (x - g).detach()), w.flatten()
+
+
+# f-distill (Xu, Nie & Vahdat 2025): minimising any f-divergence D_f(p_real || p_fake) = E_fake[f(r)] weights the DM
+# gradient per sample by h(r) = f''(r) r², r = p_real(x_t) / p_fake(x_t) at the noised sample (constants dropped:
+# h is normalised below). Reverse KL, f(r) = -log r, gives h = 1: DMD. Weights grow with r for the mode-covering ones:
+# a sample where the real density exceeds the student's (a mode it under-covers) pulls harder.
+F_DIVERGENCES = {
+    "reverse-kl": lambda r: torch.ones_like(r),  # f = -log r (DMD, mode-seeking)
+    "softened-rkl": lambda r: 1 / (1 + r),  # the paper's softened reverse KL
+    "js": lambda r: r / (1 + r),  # f = r log r - (1 + r) log((1 + r) / 2)  (Jensen-Shannon)
+    "hellinger": lambda r: r.sqrt(),  # f = (√r - 1)²  (squared Hellinger; h = √r / 2)
+    "forward-kl": lambda r: r,  # f = r log r  (mode-covering)
+    "jeffreys": lambda r: 1 + r,  # f = (r - 1) log r  (forward + reverse KL)
+}
+
+
+def f_divergence_weight(divergence, logit, t, T, r_min=0.1, r_max=20.0, t_bins=10):
+    """The per-sample weight h of the DM gradient for an f-divergence, and the density ratio r behind it.
+
+    logit: (B,) the GAN head's logit on the DM loss's noised sample x_t; the optimal head (real vs G's images,
+           logistic loss) has logit = log p_real(x_t) / p_fake(x_t), so r = exp(logit)
+    t:     (B,) that sample's timestep, of T
+
+    r = exp(logit), the logit clamped to ±10 (exp cannot overflow), r clipped to [r_min, r_max] (a head's extreme
+    logits are its least calibrated). With t_bins > 0, r is divided by its mean within t_bins equal bins of [0, T):
+    the head separates lightly noised images far better than heavily noised ones, and without this the weights would
+    mostly follow t. h = F_DIVERGENCES[divergence](r), divided by its batch mean, so the loss's scale (and the lr's
+    meaning) stays DMD's. Returns (h (B,), r (B,) clipped, before the bins: the head's estimate, for the log).
+    """
+    r = logit.detach().float().clamp(-10, 10).exp().clamp(r_min, r_max)
+    r_binned = r
+    if t_bins:
+        bin_of = (t * t_bins // T).clamp(max=t_bins - 1)
+        count = torch.bincount(bin_of, minlength=t_bins)
+        total = torch.bincount(bin_of, weights=r, minlength=t_bins)
+        r_binned = r / (total / count.clamp(min=1))[bin_of]
+    h = F_DIVERGENCES[divergence](r_binned)
+    return h / h.mean(), r
 
 
 def pseudo_huber(x, x_ref, c=0.03):

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 from conftest import ROOT, read_json, run, tiny_teacher
 from metrics import Classifier
@@ -81,13 +82,14 @@ def test_resume_reaches_the_same_weights(mnist_run, tmp_path):
 
 
 def test_dmd2_needs_no_pairs_and_resumes_exactly(mnist_run, tmp_path):
-    """DMD2: no pairs folder at all, a GAN head on real images, a 2-step generator with backward simulation; a run
-    stopped after its first step and resumed reaches the uninterrupted run's weights bit for bit."""
+    """DMD2: no pairs folder at all, a GAN head on real images, a 2-step generator with backward simulation, the
+    Jensen-Shannon weighting (f-distill); a run stopped after its first step and resumed reaches the uninterrupted
+    run's weights bit for bit, and logs the density ratio and weights."""
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         shutil.copytree(mnist_run / "teacher", d / "teacher")  # and no pairs/
     args = ["--steps", 4, "--ckpt-every", 2, "--sample-every", 2, "--reg-weight", 0, "--gan-weight", 1e-2,
-            "--generator-steps", 2, "--backward-simulation", "--gen-every", 2, *FAST]
+            "--generator-steps", 2, "--backward-simulation", "--gen-every", 2, "--divergence", "js", *FAST]
     run("distill.py", "--run-dir", a, *args)
     run("distill.py", "--run-dir", b, *args, "--max-minutes", 1e-9)
     assert torch.load(b / "dmd" / "train_state.pt", weights_only=True)["step"] == 1  # really stopped early
@@ -98,6 +100,8 @@ def test_dmd2_needs_no_pairs_and_resumes_exactly(mnist_run, tmp_path):
     assert read_json(a / "dmd" / "student" / "generator.json") == {"timesteps": [399, 199]}
     rows = [json.loads(line) for line in open(a / "dmd" / "stats.jsonl")]
     assert all(row["loss_reg"] == 0 for row in rows if "loss_reg" in row) and "loss_disc" in rows[-1]
+    assert 0.1 <= rows[-1]["r_min"] <= rows[-1]["r_mean"] <= rows[-1]["r_max"] <= 20
+    assert rows[-1]["h_min"] <= rows[-1]["h_mean"] == pytest.approx(1) and rows[-1]["h_max"] >= 1
     run("sample.py", "--run-dir", a, "--model", "student", "--num-samples", 4, "--out", a / "s")
     assert (a / "s" / "samples.npz").is_file()
 

@@ -164,3 +164,36 @@ def test_gan_head_reads_features_that_know_t_and_y():
         assert not torch.allclose(logit, mu_fake(x, t + 300, y, realism=True))
         mu_fake.head_input = "down"  # --gan-head-input down: the down path alone, blind to t and y
         assert torch.equal(mu_fake.bottleneck(x, t, y), mu_fake.bottleneck(x, t + 300, y + 4))
+
+
+def dmd_loss_as_before(x, p_real, p_fake, h=None):
+    """DMD's loss as it was before the f-divergence weighting existed (the reference for reverse KL)."""
+    w = (x.detach() - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    g = torch.nan_to_num((p_fake - p_real) / w, nan=0.0, posinf=0.0, neginf=0.0)
+    return 0.5 * torch.nn.functional.mse_loss(x, (x - g).detach()), w.flatten()
+
+
+def two_steps(divergence):
+    nets, args, _ = dmd2_setup()
+    args = dataclasses.replace(args, divergence=divergence)
+    opt_g, opt_fake = torch.optim.AdamW(nets.net_g.parameters(), 1e-3), torch.optim.AdamW(nets.mu_fake.parameters(), 1e-3)
+    real = torch.utils.data.TensorDataset(torch.rand(12, 1, 28, 28) * 2 - 1, torch.arange(12) % 10)
+    gen, stats = torch.Generator().manual_seed(1), []
+    for step in range(2):
+        b = dmd.draw_batch(gen, step, args, (1, 28, 28), 10, nets.net_g.T, None, real)
+        stats.append(dmd.dmd_step(step, nets, opt_g, opt_fake, b, args, Accelerator(cpu=True))[0])
+    return {**weights(nets.net_g), **weights(nets.mu_fake)}, stats
+
+
+def test_reverse_kl_is_dmd_bit_for_bit_and_js_weighs(monkeypatch):
+    """--divergence reverse-kl (the default) trains exactly as DMD2 did before f-distill: same weights after two
+    steps as with the old loss; js, on the same draws, weighs the samples (logged r and h) and trains otherwise."""
+    rkl, rkl_stats = two_steps("reverse-kl")
+    js, js_stats = two_steps("js")
+    with monkeypatch.context() as m:
+        m.setattr(dmd, "dm_loss", dmd_loss_as_before)
+        before, _ = two_steps("reverse-kl")
+    assert all(torch.equal(rkl[k], before[k]) for k in rkl)
+    assert "h_mean" not in rkl_stats[0] and any(not torch.equal(rkl[k], js[k]) for k in rkl)
+    s = js_stats[0]
+    assert 0.1 <= s["r_min"] <= s["r_mean"] <= s["r_max"] <= 20 and s["h_mean"] == pytest.approx(1.0)

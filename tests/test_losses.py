@@ -1,7 +1,11 @@
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import dm_loss, dm_timesteps, gan_discriminator_loss, gan_generator_loss, pseudo_huber, regression_loss
+from losses import (F_DIVERGENCES, dm_loss, dm_timesteps, f_divergence_weight, gan_discriminator_loss, gan_generator_loss,
+                    pseudo_huber, regression_loss)
 
 
 def test_dm_gradient_is_g_over_numel():
@@ -14,6 +18,54 @@ def test_dm_gradient_is_g_over_numel():
     g = (p_fake - p_real) / w_formula
     torch.testing.assert_close(w, w_formula.flatten())
     torch.testing.assert_close(x.grad, g / x.numel())
+
+
+def test_weighted_dm_gradient_is_h_times_g():
+    """f-distill: each sample's DM gradient scaled by its weight h (and h = 1 is DMD's gradient exactly)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, requires_grad=True)
+    p_real, p_fake = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    h = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    dm_loss(x, p_real, p_fake, h)[0].backward()
+    g = (p_fake - p_real) / (x.detach() - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(x.grad, h.view(-1, 1, 1, 1) * g / x.numel())
+    grad_h1 = x.grad.clone()
+    x.grad = None
+    dm_loss(x, p_real, p_fake, torch.ones(4))[0].backward()
+    grad_ones = x.grad.clone()
+    x.grad = None
+    dm_loss(x, p_real, p_fake)[0].backward()
+    assert torch.equal(grad_ones, x.grad) and not torch.equal(grad_h1, x.grad)
+
+
+# h(r) = f''(r) r² for each f, written from the paper's table (Xu, Nie & Vahdat 2025, Table 1), up to a constant
+PAPER_H = {"reverse-kl": lambda r: 1.0, "softened-rkl": lambda r: 1 / (1 + r), "js": lambda r: r / (1 + r),
+           "hellinger": lambda r: r ** 0.5, "forward-kl": lambda r: r, "jeffreys": lambda r: 1 + r}
+
+
+@pytest.mark.parametrize("divergence", sorted(PAPER_H))
+def test_f_divergence_weight_is_the_papers_h_of_the_clipped_ratio(divergence):
+    """r = exp(logit) clipped to [0.1, 20] (0.05 -> 0.1 and e^5 -> 20 at the bounds); h = h(r) / its batch mean."""
+    assert set(F_DIVERGENCES) == set(PAPER_H)
+    r_true = [0.05, 0.5, 1.0, 3.0, math.exp(5)]
+    r_clipped = [0.1, 0.5, 1.0, 3.0, 20.0]
+    logit = torch.tensor([math.log(r) for r in r_true])
+    h, r = f_divergence_weight(divergence, logit, torch.zeros(5, dtype=torch.long), 1000, t_bins=0)
+    torch.testing.assert_close(r, torch.tensor(r_clipped))
+    raw = torch.tensor([float(PAPER_H[divergence](v)) for v in r_clipped])
+    torch.testing.assert_close(h, raw / raw.mean())
+    assert h.mean().item() == pytest.approx(1.0, abs=1e-6)
+    if divergence in ("forward-kl", "js", "hellinger", "jeffreys"):  # mode-covering: more weight where r is larger
+        assert (h.diff() > 0).all()
+
+
+def test_f_divergence_ratio_is_normalised_within_t_bins():
+    """With bins, r is divided by its mean within each t-bin: two bins whose ratios differ by 10x weigh alike."""
+    logit = torch.tensor([1.0, 3.0, 10.0, 30.0]).log()
+    t = torch.tensor([5, 80, 950, 999])  # bins of [0, 1000) in tenths: 0, 0, 9, 9
+    h, r = f_divergence_weight("forward-kl", logit, t, 1000, r_max=100.0, t_bins=10)
+    torch.testing.assert_close(r, torch.tensor([1.0, 3.0, 10.0, 30.0]))  # the logged r is the head's, un-binned
+    torch.testing.assert_close(h, torch.tensor([0.5, 1.5, 0.5, 1.5]))  # r / bin mean (2 and 20); then batch mean 1
 
 
 def test_gan_losses_push_the_logits_the_right_way():

@@ -138,6 +138,7 @@ BAD = [  # (script, args, words the one-line message must contain)
     ("evaluate.py", ["--fid", "--dataset", "mnist", "--teacher", "{root}/no_null", "--run-dir", "{root}/x"],
      "makes 3x48x48 images but mnist is 1x28x28"),
     ("train_teacher.py", ["--dataset", "mnist", "--image-size", 7, "--run-dir", "{root}/x"], "are for your own images"),
+    ("distill.py", ["--run-dir", "{root}/good", "--divergence", "js", "--overwrite"], "--gan-weight 0 has no head"),
 ]
 
 
