@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import ROOT, run, tiny_teacher
 from safetensors.torch import load_file
@@ -45,13 +46,17 @@ def test_distill_two_processes_match_one_with_double_batch(mnist_run, tmp_path):
         shutil.copytree(mnist_run / "pairs", tmp_path / name / "pairs")
     common = ["--steps", 3, "--batch-size", 8, "--reg-loss", "pseudo_huber", "--lr", 1e-4, "--log-every", 1,
               "--probe-every", 0, "--ckpt-every", 3, "--sample-every", 100,
-              "--gan-weight", 1e-2]  # the GAN head: two forwards of µfake's data-parallel wrapper per update
+              "--gan-weight", 1e-2,  # the GAN head: two forwards of µfake's data-parallel wrapper per update
+              "--divergence", "forward-kl", "--ratio-bins", 2]  # f-distill's weights: normalised over the GLOBAL batch
     run("distill.py", "--run-dir", tmp_path / "one", *common)
     torchrun("distill.py", "--run-dir", tmp_path / "two", *common)
     cfg = json.load(open(tmp_path / "two" / "dmd" / "config.json"))
     assert cfg["num_processes"] == 2 and cfg["per_process_batch"] == 4
     sums = json.load(open(tmp_path / "two" / "dmd" / "summary.json"))["rank_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # both ranks hold identical netG and µfake
+    first = [json.loads(open(tmp_path / name / "dmd" / "stats.jsonl").readline()) for name in ("one", "two")]
+    for key in ("r_mean", "r_min", "r_max", "h_min", "h_max"):  # the first update's weights: all 8 samples, both ways
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-3), key
     # 2 processes x batch 4 == 1 process x batch 8, up to the order of float sums. Adam turns a float-rounding
     # difference in a near-zero gradient into a full-size step, so compare the whole update, not single elements.
     w0 = load_file(tmp_path / "one" / "teacher" / "diffusion_pytorch_model.safetensors")
