@@ -113,7 +113,8 @@ def main():
             if dmd.needs_real_images(cfg) else None)
     check_method_inputs(args, T, real)
     timesteps = generator_timesteps(T, cfg.generator_steps)
-    reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c)
+    # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none
+    reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c) if args.reg_weight > 0 else (None, "none")
     opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
     st = TrainState(net_g, mu_fake, opt_g, opt_fake, *(lr_schedule(args, o) for o in (opt_g, opt_fake)),
                     AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
@@ -129,7 +130,7 @@ def main():
     config = dict(vars(args), reg_loss_used=reg_used, teacher_hash=weights_hash(args.teacher), num_processes=world,
                   per_process_batch=args.batch_size // world, prediction_type=net_g.prediction_type, T=T,
                   num_classes=num_classes, generator_timesteps=timesteps, pairs_meta=meta)
-    if reg_used != args.reg_loss:
+    if reg_used not in (args.reg_loss, "none"):
         config["notice"] = f"LPIPS unavailable: regression loss fell back to {reg_used}"
 
     # The student this run ships (dmd/pipeline) and its probe keeps (student_best): the EMA of netG when there is one

@@ -98,7 +98,7 @@ class Networks:
     net_g: Denoiser  # the generator G: a copy of the teacher, read at its K timesteps (trained)
     mu_real: Denoiser  # the frozen teacher: the real score
     mu_fake: Denoiser  # the fake score, trained online on G's images (with the GAN head when --gan-weight > 0)
-    regression: Callable  # the regression distance d(G(z_ref), x_ref): LPIPS, pseudo-Huber or L2
+    regression: Optional[Callable]  # the regression distance d(G(z_ref), x_ref): LPIPS, pseudo-Huber or L2; None = DMD2
     net_g_ddp: Optional[nn.Module] = None  # net_g / mu_fake as accelerator.prepare wrapped them (gradients synced
     mu_fake_ddp: Optional[nn.Module] = None  # across processes); default the modules themselves
 

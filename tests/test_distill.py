@@ -98,6 +98,7 @@ def test_dmd2_needs_no_pairs_and_resumes_exactly(mnist_run, tmp_path):
     for key in ("net_g", "mu_fake", "gan_head"):
         assert sa[key] and all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
     assert read_json(a / "dmd" / "student" / "generator.json") == {"timesteps": [399, 199]}
+    assert read_json(a / "dmd" / "config.json")["reg_loss_used"] == "none"  # no regression loss built, no LPIPS notice
     rows = [json.loads(line) for line in open(a / "dmd" / "stats.jsonl")]
     assert all(row["loss_reg"] == 0 for row in rows if "loss_reg" in row) and "loss_disc" in rows[-1]
     assert 0.1 <= rows[-1]["r_min"] <= rows[-1]["r_mean"] <= rows[-1]["r_max"] <= 20

@@ -1,15 +1,21 @@
 """Interruption (kill -9 of a real process), bad input (one line, exit 2, nothing written), numerical faults,
 and safe loading."""
+import contextlib
+import importlib
+import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
 import pytest
 import torch
+import cli
 from conftest import ROOT, fake_images, fake_mnist, run, tiny_teacher
 from test_custom import custom_teacher
 from safetensors.torch import load_file
@@ -109,13 +115,15 @@ def bad_input_env(tmp_path_factory, mnist_run):
     return root
 
 
-BAD = [  # (script, args, words the one-line message must contain)
+BAD_FRESH_PROCESS = [  # (script, args, words the one-line message must contain), each run as `python script args`
     ("train_teacher.py", ["--dataset", "imagenet"], "invalid choice"),
+    ("precompute.py", ["--dataset", "cifar10", "--run-dir", "{root}/x"], "cannot be fetched without network"),
+    ("distill.py", ["--run-dir", "{root}/other", "--probe-every", 0], "another teacher"),
+]
+BAD = [  # the same, each run in this process (main() under cli.run, as the script's last line runs it)
     ("precompute.py", ["--teacher", "{root}/nowhere"], "neither a folder nor a hub id"),
     ("precompute.py", ["--teacher", "{root}/empty_teacher", "--run-dir", "{root}/x"], "has no diffusion_pytorch_model"),
-    ("precompute.py", ["--dataset", "cifar10", "--run-dir", "{root}/x"], "cannot be fetched without network"),
     ("precompute.py", ["--run-dir", "{root}/truncated"], "could not be loaded"),
-    ("distill.py", ["--run-dir", "{root}/other", "--probe-every", 0], "another teacher"),
     ("distill.py", ["--run-dir", "{root}/good", "--guidance", 4, "--overwrite"], "guidance"),
     ("distill.py", ["--run-dir", "{root}/good", "--pairs", "{root}/truncated/pairs", "--overwrite"], "truncated"),
     ("distill.py", ["--run-dir", "{root}/good", "--lr", 0], "--lr: 0 must be > 0"),
@@ -142,15 +150,40 @@ BAD = [  # (script, args, words the one-line message must contain)
 ]
 
 
-def test_bad_input_table(bad_input_env):
+def run_here(script, *args):
+    """`python script args` in this process, without starting an interpreter (its imports cost ~10 s of CPU a row):
+    (exit code, stderr). An exception other than the scripts' own exit fails the test with its traceback."""
+    main = importlib.import_module(script.removesuffix(".py")).main
+    err = io.StringIO()
+
+    def too_long(signum, frame):  # bad input that is not refused would otherwise run a whole job here
+        raise TimeoutError(f"{script} {' '.join(args)} still running after 60 s: the bad input was not refused")
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    with mock.patch.object(sys, "argv", [script, *args]), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.run(main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    return subprocess.CompletedProcess([script, *args], code, "", err.getvalue())
+
+
+def test_bad_input_table(bad_input_env, monkeypatch):
     root = bad_input_env
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
-    def case(c):
+    def case(c, runner):
         script, args, words = c
-        return c, run(script, *[str(a).format(root=root) for a in args], check=False)
+        return c, runner(script, *[str(a).format(root=root) for a in args])
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(case, BAD))
+        fresh = list(pool.map(lambda c: case(c, lambda *a: run(*a, check=False)), BAD_FRESH_PROCESS))
+    monkeypatch.chdir(ROOT)  # where `run` starts the scripts
+    results = fresh + [case(c, run_here) for c in BAD]
     for (script, args, words), r in results:
         lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and "warnings.warn" not in l]
         assert r.returncode == 2, (script, args, r.stderr[-2000:])
