@@ -1,9 +1,14 @@
-"""Shared fixtures: tiny teachers saved in diffusers format, and a helper that runs a script as a user would."""
+"""Shared fixtures: tiny teachers saved in diffusers format, and helpers that run a script as a user would."""
+import contextlib
 import gzip
+import importlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import cli  # noqa: E402
 from checkpoints import save_teacher  # noqa: E402
 from networks import make_teacher  # noqa: E402
 
@@ -30,6 +36,30 @@ def run(script, *args, check=True, env=None):
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r
+
+
+def run_here(script, *args):
+    """`python script args` run as `run` runs it, but in this process: no interpreter to start, whose imports cost
+    ~10 s of CPU. For runs that must end at once (bad input): one still running after 60 s fails. Returns the
+    CompletedProcess (exit code, stderr); an exception other than the scripts' own exit fails with its traceback."""
+    main = importlib.import_module(script.removesuffix(".py")).main
+    err = io.StringIO()
+
+    def too_long(signum, frame):  # input that is not refused would otherwise run a whole job here
+        raise TimeoutError(f"{script} {' '.join(map(str, args))} still running after 60 s")
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    with mock.patch.object(sys, "argv", [script, *map(str, args)]), contextlib.chdir(ROOT), \
+            contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            cli.run(main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    return subprocess.CompletedProcess([script, *args], code, "", err.getvalue())
 
 
 def tiny_teacher(folder, dataset="mnist", prediction_type="epsilon", seed=0):

@@ -1,22 +1,16 @@
 """Interruption (kill -9 of a real process), bad input (one line, exit 2, nothing written), numerical faults,
 and safe loading."""
-import contextlib
-import importlib
-import io
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import pytest
 import torch
-import cli
-from conftest import ROOT, fake_images, fake_mnist, run, tiny_teacher
+from conftest import ROOT, fake_images, fake_mnist, run, run_here, tiny_teacher
 from test_custom import custom_teacher
 from safetensors.torch import load_file
 
@@ -150,30 +144,7 @@ BAD = [  # the same, each run in this process (main() under cli.run, as the scri
 ]
 
 
-def run_here(script, *args):
-    """`python script args` in this process, without starting an interpreter (its imports cost ~10 s of CPU a row):
-    (exit code, stderr). An exception other than the scripts' own exit fails the test with its traceback."""
-    main = importlib.import_module(script.removesuffix(".py")).main
-    err = io.StringIO()
-
-    def too_long(signum, frame):  # bad input that is not refused would otherwise run a whole job here
-        raise TimeoutError(f"{script} {' '.join(args)} still running after 60 s: the bad input was not refused")
-    previous = signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(60)
-    with mock.patch.object(sys, "argv", [script, *args]), contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(io.StringIO()):
-        try:
-            cli.run(main)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-    return subprocess.CompletedProcess([script, *args], code, "", err.getvalue())
-
-
-def test_bad_input_table(bad_input_env, monkeypatch):
+def test_bad_input_table(bad_input_env):
     root = bad_input_env
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
@@ -182,7 +153,6 @@ def test_bad_input_table(bad_input_env, monkeypatch):
         return c, runner(script, *[str(a).format(root=root) for a in args])
     with ThreadPoolExecutor(2) as pool:
         fresh = list(pool.map(lambda c: case(c, lambda *a: run(*a, check=False)), BAD_FRESH_PROCESS))
-    monkeypatch.chdir(ROOT)  # where `run` starts the scripts
     results = fresh + [case(c, run_here) for c in BAD]
     for (script, args, words), r in results:
         lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and "warnings.warn" not in l]
