@@ -46,7 +46,7 @@ $(RUN)/eval/report.md: $(RUN)/dmd/summary.json
 	$(PY) evaluate.py --fid --run-dir $(RUN) $(EVAL_FLAGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=10
 
 benchmark: $(VENV)/.installed
 	$(PY) -m pytest benchmarks --benchmark-only
