@@ -296,7 +296,8 @@ def plot_fid_vs_nfe(report, path):
     for r in rows:
         if r["model"] == "real":
             ax.axhline(r["fid"], color="grey", linestyle="--", label="real training images (floor)")
-    ax.set_xscale("log")
+    if any(r["nfe"] for r in rows):  # `--rows real` alone puts nothing on the NFE axis, which log scale refuses
+        ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel("FID")

@@ -107,6 +107,11 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
                    "--rows", "real,student")
     assert bad.returncode == 2 and "real: fid" in bad.stderr and "could not be loaded" in bad.stderr, bad.stderr[-2000:]
     assert {f: (d / "eval" / f).read_bytes() for f in files} == files and not (d / "eval.tmp").exists()
+    # the metric's floor alone (no row on the NFE axis) is a report too
+    ok = run_here("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
+                  "--rows", "real")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert [r["model"] for r in json.loads((d / "eval" / "report.json").read_text())["rows"]] == ["real"]
 
 
 def test_refuses_evaluation_seeds_that_overlap_the_training_probe():
