@@ -28,38 +28,41 @@ TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_gro
 TINY_N_FEAT = 8
 
 
-def run(script, *args, check=True, env=None):
-    """Run `python script args...` from the repo root, offline, on the CPU; returns the CompletedProcess."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+def run(script, *args, check=True, fresh=False, limit=600):
+    """`python script args...` as a user runs it (from the repo root, offline, on the CPU); returns the
+    CompletedProcess (exit code, stdout, stderr), and with `check` a nonzero exit fails the test with stderr's tail.
+    By default the script's main() runs in this process under cli.run, as its last line runs it: a new interpreter's
+    imports cost ~10 s of CPU a run, most of what the suite's end-to-end tests would spend. `fresh=True` starts a
+    real `python script` process (what argparse and a hub lookup do at start-up, runs in parallel threads). A run still
+    going after `limit` seconds fails (tests of bad input give 60: input that is not refused would run a whole job).
+    An exception other than the script's own exit fails the test with its traceback."""
+    if fresh:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=limit)
+    else:
+        main = importlib.import_module(script.removesuffix(".py")).main
+        out, err = io.StringIO(), io.StringIO()
+
+        def too_long(signum, frame):
+            raise TimeoutError(f"{script} {' '.join(map(str, args))} still running after {limit} s")
+        previous = signal.signal(signal.SIGALRM, too_long)
+        signal.alarm(limit)
+        with mock.patch.object(sys, "argv", [script, *map(str, args)]), contextlib.chdir(ROOT), \
+                mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"), \
+                contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                cli.run(main)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, previous)
+        r = subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
     if check and r.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr[-3000:]}")
     return r
-
-
-def run_here(script, *args):
-    """`python script args` run as `run` runs it, but in this process: no interpreter to start, whose imports cost
-    ~10 s of CPU. For runs that must end at once (bad input): one still running after 60 s fails. Returns the
-    CompletedProcess (exit code, stderr); an exception other than the scripts' own exit fails with its traceback."""
-    main = importlib.import_module(script.removesuffix(".py")).main
-    err = io.StringIO()
-
-    def too_long(signum, frame):  # input that is not refused would otherwise run a whole job here
-        raise TimeoutError(f"{script} {' '.join(map(str, args))} still running after 60 s")
-    previous = signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(60)
-    with mock.patch.object(sys, "argv", [script, *map(str, args)]), contextlib.chdir(ROOT), \
-            contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            cli.run(main)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-    return subprocess.CompletedProcess([script, *args], code, "", err.getvalue())
 
 
 def tiny_teacher(folder, dataset="mnist", prediction_type="epsilon", seed=0):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, fake_images, fake_mnist, run, run_here, tiny_teacher
+from conftest import ROOT, fake_images, fake_mnist, run, tiny_teacher
 from test_custom import custom_teacher
 from safetensors.torch import load_file
 
@@ -152,8 +152,8 @@ def test_bad_input_table(bad_input_env):
         script, args, words = c
         return c, runner(script, *[str(a).format(root=root) for a in args])
     with ThreadPoolExecutor(2) as pool:
-        fresh = list(pool.map(lambda c: case(c, lambda *a: run(*a, check=False)), BAD_FRESH_PROCESS))
-    results = fresh + [case(c, run_here) for c in BAD]
+        fresh = list(pool.map(lambda c: case(c, lambda *a: run(*a, check=False, fresh=True)), BAD_FRESH_PROCESS))
+    results = fresh + [case(c, lambda *a: run(*a, check=False, limit=60)) for c in BAD]
     for (script, args, words), r in results:
         lines = [l for l in r.stderr.splitlines() if l.strip() and "Warning" not in l and "warnings.warn" not in l]
         assert r.returncode == 2, (script, args, r.stderr[-2000:])
