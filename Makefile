@@ -1,5 +1,5 @@
 # make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2, ~25 min on 2 cores after the install)
-# make test : the test suite (CPU, tiny models, ~18 min on 2 cores)
+# make test : the test suite (CPU, tiny models, ~5 min on 2 cores)
 # Each target sets up its own virtual environment first. Stages that finished are not redone;
 # an interrupted stage resumes from its last checkpoint when `make demo` is run again.
 PYTHON ?= python3
