@@ -40,7 +40,9 @@ def parse_args():
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
     p.add_argument("--pairs", default=None, help="precomputed pairs folder; default <run-dir>/pairs")
     p.add_argument("--lr", type=number(float, 0), default=None, help="netG learning rate (seed: 5e-6 MNIST/CelebA, 1e-6 CIFAR-10)")
-    p.add_argument("--lr-fake", type=number(float, 0), default=None, help="µfake (and GAN head) learning rate; default --lr")
+    p.add_argument("--lr-fake", type=number(float, 0), default=None,
+                   help="µfake (and GAN head) learning rate; default --lr (K = 4 on the CPU demo wants 20x: 1e-4 at "
+                        "--lr 5e-6, so µfake keeps up with netG; docs/RESULTS.md)")
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "linear", "cosine"],
                    help="both lrs over the steps, after the warm-up: constant (DMD2), or decayed to 0 at the last step, "
                         "so the run ends on its smallest updates instead of wherever a constant lr left it")
