@@ -85,7 +85,8 @@ class ContextUnet(ModelMixin, ConfigMixin):
 
     def bottleneck(self, sample, timestep, class_labels=None):
         """The 7x7 bottleneck (B, 2 n_feat, 7, 7) after the class embedding has scaled it and the time embedding has
-        shifted it: the first features that know x_t, t and y (DMD2's GAN head reads them)."""
+        shifted it: the first features that know x_t, t and y (DMD2's GAN head reads them). They are made from the
+        down path average-pooled to one vector per image (`to_vec`), so they keep no spatial layout of x_t."""
         return self._down_and_bottleneck(sample, timestep, class_labels)[-1]
 
     def _down_and_bottleneck(self, sample, timestep, class_labels):
