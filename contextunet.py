@@ -89,6 +89,12 @@ class ContextUnet(ModelMixin, ConfigMixin):
         down path average-pooled to one vector per image (`to_vec`), so they keep no spatial layout of x_t."""
         return self._down_and_bottleneck(sample, timestep, class_labels)[-1]
 
+    def up_features(self, sample, timestep, class_labels=None):
+        """The first up block's output (B, n_feat, 14, 14): the bottleneck (x_t, t, y) joined with the down path's
+        7x7 map, so these features know t and y and keep the image's spatial layout."""
+        x, down1, down2, c, t, h = self._down_and_bottleneck(sample, timestep, class_labels)
+        return self.up1(h, down2)
+
     def _down_and_bottleneck(self, sample, timestep, class_labels):
         B, n = sample.shape[0], self.config.n_feat
         if class_labels is None:  # unconditional = the null label

@@ -52,11 +52,14 @@ class Denoiser(nn.Module):
 
     def bottleneck(self, x_t, t, y=None):
         """The backbone's bottleneck features (B, C, h, w), where x_t, t and y have all entered, so the GAN head can
-        judge "a real 7 at this noise level": ContextUnet's modulated 7x7 bottleneck (no up path), or UNet2DModel's
-        mid-block output (through a whole forward: diffusers has no encoder-only call)."""
+        judge "a real 7 at this noise level": ContextUnet's modulated 7x7 bottleneck (no up path; `head_input`
+        "down": the down path's 7x7 map, "up": the first up block's 14x14 map), or UNet2DModel's mid-block output
+        (through a whole forward: diffusers has no encoder-only call)."""
         if isinstance(self.backbone, ContextUnet):
             if self.head_input == "down":  # --gan-head-input down: the down path alone, blind to t and y
                 return self.backbone.encode(x_t)[-1]
+            if self.head_input == "up":  # --gan-head-input up: t and y entered, spatial layout kept
+                return self.backbone.up_features(x_t, t, y if self.num_classes else None)
             return self.backbone.bottleneck(x_t, t, y if self.num_classes else None)
         captured = []
         hook = self.backbone.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
@@ -114,7 +117,7 @@ def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="b
     if gan_head:
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             torch.manual_seed(seed)
-            head = DiscriminatorHead(bottleneck_channels(backbone), class_labels_of(backbone)[0])
+            head = DiscriminatorHead(bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0])
     mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head, head_input).eval().requires_grad_(True)
     mu_real = Denoiser(backbone, scheduler).eval().requires_grad_(False)
     return net_g, mu_real, mu_fake

@@ -38,10 +38,10 @@ class DiscriminatorHead(nn.Module):
         return logit
 
 
-def bottleneck_channels(backbone):
-    """Channels of the features Denoiser.bottleneck returns."""
+def bottleneck_channels(backbone, head_input="bottleneck"):
+    """Channels of the features Denoiser.bottleneck returns (`head_input`: --gan-head-input)."""
     if isinstance(backbone, ContextUnet):
-        return 2 * backbone.config.n_feat
+        return backbone.config.n_feat if head_input == "up" else 2 * backbone.config.n_feat
     return backbone.config.block_out_channels[-1]
 
 

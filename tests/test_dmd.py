@@ -80,11 +80,11 @@ def test_non_finite_loss_stops_before_the_weights_change():
     assert not changed(g, nets.net_g)
 
 
-def dmd2_setup(K=1, backward_simulation=False, gan_weight=3e-3, seed=0):
+def dmd2_setup(K=1, backward_simulation=False, gan_weight=3e-3, seed=0, head_input="bottleneck"):
     """Tiny networks with DMD2's options: no pairs, GAN head on µfake, K-step generator."""
     torch.manual_seed(seed)
     backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=TINY_N_FEAT)
-    net_g, mu_real, mu_fake = make_dmd_networks(backbone.eval(), scheduler, gan_head=gan_weight > 0)
+    net_g, mu_real, mu_fake = make_dmd_networks(backbone.eval(), scheduler, gan_head=gan_weight > 0, head_input=head_input)
     nets = dmd.Networks(net_g, mu_real, mu_fake, pseudo_huber)
     args = dmd.StepConfig(reg_weight=0, gan_weight=gan_weight, generator_steps=K, backward_simulation=backward_simulation,
                           guidance=2.0, batch_size=6)
@@ -164,6 +164,25 @@ def test_gan_head_reads_features_that_know_t_and_y():
         assert not torch.allclose(logit, mu_fake(x, t + 300, y, realism=True))
         mu_fake.head_input = "down"  # --gan-head-input down: the down path alone, blind to t and y
         assert torch.equal(mu_fake.bottleneck(x, t, y), mu_fake.bottleneck(x, t + 300, y + 4))
+
+
+def test_gan_head_on_the_up_path_knows_t_and_y():
+    """--gan-head-input up: the first up block's 14x14 map, which t and y have entered (the bottleneck's 7x7 map is
+    one pooled vector painted back), read by a head of its width; µfake's update trains that head."""
+    nets, args, b = dmd2_setup(head_input="up")
+    mu_fake, x, t, y = nets.mu_fake, torch.randn(2, 1, 28, 28), torch.tensor([20, 20]), torch.tensor([3, 3])
+    with torch.no_grad():
+        h = mu_fake.bottleneck(x, t, y)
+        assert h.shape == (2, TINY_N_FEAT, 14, 14)
+        assert not torch.allclose(h, mu_fake.bottleneck(x, t + 300, y))
+        assert not torch.allclose(h, mu_fake.bottleneck(x, t, y + 4))
+        logit = mu_fake(x, t, y, realism=True)
+        assert not torch.allclose(logit, mu_fake(x, t + 300, y, realism=True))
+        assert not torch.allclose(logit, mu_fake(x, t, y + 4, realism=True))
+    head = weights(mu_fake.head)
+    stats = dmd.fake_score_update(nets, torch.optim.AdamW(mu_fake.parameters(), 1e-3), b.x_real.flip(0), b, args,
+                                  Accelerator(cpu=True))
+    assert math.isfinite(stats["loss_disc"]) and any(not torch.equal(head[k], v) for k, v in weights(mu_fake.head).items())
 
 
 def dmd_loss_as_before(x, p_real, p_fake, h=None):
