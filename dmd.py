@@ -22,7 +22,7 @@ from torch.profiler import record_function
 from cli import number
 from losses import (F_DIVERGENCES, denoising_loss, dm_loss, dm_timesteps, f_divergence_weight, gan_discriminator_loss,
                     gan_generator_loss)
-from denoiser import Denoiser
+from models import Denoiser
 from sampling import generator_timesteps
 
 
@@ -43,6 +43,7 @@ class StepConfig:
     gan_disc_weight: float = 1e-2
     gan_t_max: float = 1.0
     generator_steps: int = 1
+    generator_t: float = 1.0
     backward_simulation: bool = False
     grad_clip: float = 1.0
     divergence: str = "reverse-kl"
@@ -78,6 +79,10 @@ def add_arguments(p):
                         "layout; measured no better)")
     p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=C.gan_t_max, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
     p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
+    p.add_argument("--generator-t", type=number(float, 0), default=C.generator_t,
+                   help="the one-step generator reads z at timestep round(this x T) - 1: 1 = T-1 (DMD); lower, the "
+                        "teacher's x̂0 depends more on z, so netG starts with diverse samples instead of one blur per "
+                        "class (DMD2's one-step SDXL: 0.4; SiD's σ_init 2.5 = 0.7 of MNIST's schedule)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
     p.add_argument("--grad-clip", type=number(float, 0), default=C.grad_clip, help="max gradient norm, both networks")
     p.add_argument("--divergence", default=C.divergence, choices=list(F_DIVERGENCES),
@@ -181,7 +186,7 @@ def generator_inputs(nets, b, cfg):
     """(x_{t_k}, t_k) for each sample's generator step k: pure noise z at k = 0; at k > 0, with backward simulation
     the current G run from z through steps 0..k-1, each x̂0 re-noised to the next timestep with fresh noise (as
     sampling does, so training inputs match inference); without it, a real image noised to t_k."""
-    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z.device)
+    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps, cfg.generator_t), device=b.z.device)
     if cfg.generator_steps == 1:
         return b.z, ts[0].expand(len(b.z))
     t = ts[b.k]

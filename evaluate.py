@@ -4,10 +4,13 @@ distillation, and real data, on the same held-out seeds.
     python evaluate.py --fid                      # runs/mnist/{teacher,pairs,dmd} -> runs/mnist/eval/
     python evaluate.py --fid --repeats 3          # FID as mean ± std over 3 disjoint seed sets
     python evaluate.py --fid --full-ddpm          # also the full T-step ancestral DDPM teacher (slow on CPU)
+    python evaluate.py --fid --rows real,teacher --teacher-guidance 1.5,2,3,4,5   # the teacher alone, a wider grid
 
 Noise seeds are held out: they never overlap the pairs' (the student was trained to reproduce those) or the training
 probe's, and every row uses the same seeds, labels and number of samples. A `real` row (real training images against
-the same reference) is the metric's floor. FID, KID, precision and recall come from torch-fidelity on Inception
+the same reference) is the metric's floor. The teacher is scored over a grid of DDIM step counts x guidance scales, and
+a student is read against the BEST of those rows (its "gap closed"), not against the teacher at the student's own
+guidance. FID, KID, precision and recall come from torch-fidelity on Inception
 features where those weights can be had, else on the features of a classifier trained here on the real training
 data (cached in <run-dir>/classifier/); the report names the extractor, and the two kinds are never comparable.
 Writes report.json, report.md (table), grid.png (one row per model, same seeds) and fid_vs_nfe.png, all of them only
@@ -26,13 +29,13 @@ import torch
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
-from metrics import class_accuracy, extract, feature_extractor, scores, train_classifier
-from checkpoints import default_teacher, open_teacher, student_timesteps, write_model_card
-from denoiser import check_guidance
+from metrics import class_accuracy, extract, feature_extractor, high_frequency_share, scores, train_classifier
+from checkpoints import default_teacher, open_teacher, student_timesteps, weights_hash, write_model_card
+from models import check_guidance
 from recipes import default_guidance, grid_columns
 from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
 
-METRICS = ("fid", "kid", "precision", "recall", "class_accuracy")
+METRICS = ("fid", "kid", "precision", "recall", "class_accuracy", "hf_share")
 
 
 def main():
@@ -44,9 +47,17 @@ def main():
     p.add_argument("--repeats", type=number(int, 0), default=1, help="disjoint seed sets; metrics are mean ± std over them")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="generation batch; latency is measured per image at this batch")
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default as precompute.py")
-    p.add_argument("--ddim-steps", type=lambda s: [number(int, 0)(x) for x in s.split(",")], default=[1, 2, 4, 8],
-                   help="teacher DDIM step counts for the FID-vs-NFE curve (the pairs' steps are always added)")
-    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="teacher guidance; default the pairs'")
+    p.add_argument("--ddim-steps", type=number_list(int), default=[2, 4, 8],
+                   help="teacher DDIM step counts at the distillation's guidance (the FID-vs-NFE curve; the pairs' "
+                        "steps, else 25, are always added; 1 step is the onestep-before-guided row)")
+    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None,
+                   help="the guidance the student was distilled at (its own): default the pairs', else dmd/config.json's")
+    p.add_argument("--teacher-guidance", type=number_list(float), default=None,
+                   help="guidance scales the teacher is also scored at, so a student is read against the teacher at its "
+                        "best; default: --guidance and two around it, 1 + (s-1)/2 and s + (s-1)/2 (3 -> 2,3,4)")
+    p.add_argument("--grid-ddim-steps", type=number_list(int), default=[4, 8],
+                   help="teacher DDIM step counts at the other --teacher-guidance scales (fewer than --ddim-steps: "
+                        "they find the best row; the full curve is drawn at the distillation's guidance)")
     p.add_argument("--full-ddpm", action="store_true", help="also evaluate ancestral DDPM over all T steps (slow)")
     p.add_argument("--rows", type=lambda s: tuple(s.split(",")), default=None,
                    help="only the rows whose names start with one of these, e.g. real,student (default: all)")
@@ -57,6 +68,10 @@ def main():
     p.add_argument("--num-reference", type=number(int, 0), default=10000, help="at most this many real reference images")
     p.add_argument("--classifier-epochs", type=number(int, 0), default=8, help="epochs to train the feature classifier")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--rescore", action="store_true",
+                   help="score every row again; by default the rows that do not depend on a student (real, teacher, "
+                        "one-step teacher) are taken from the previous report when it was made with the same teacher, "
+                        "classifier, reference, seeds and sample count")
     args = parse(p)
     if not (args.fid or args.prepare):
         raise UserError("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
@@ -70,9 +85,11 @@ def main():
     if args.guidance is None:  # the teacher as it was distilled: the pairs' guidance, else µreal's, else the default
         args.guidance = pairs.get("guidance", distilled.get("guidance", default_guidance(teacher_den.null_label is not None)))
     s = args.guidance
-    check_guidance(teacher_den, s, teacher)
+    guidances = teacher_guidance_grid(s, args.teacher_guidance, teacher_den.null_label is not None)
+    for g in guidances:
+        check_guidance(teacher_den, g, teacher)
     seeds = held_out_seeds(args, pairs, distilled)
-    rows_to_run = select_rows(all_rows(args, teacher, pairs, s, teacher_den), args.rows)  # before any work
+    rows_to_run = select_rows(all_rows(args, teacher, pairs, s, guidances, teacher_den), args.rows)  # before any work
 
     # --- reference images, the feature classifier, the extractor
     real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.shape, num_classes)
@@ -86,6 +103,10 @@ def main():
     fe, layer, label, rgb = feature_extractor(args.feature_extractor, clf_dir, args.inception_weights, args.device)
     f_ref = extract(fe, layer, torch.stack([real_test[i][0] for i in range(n_ref)]), rgb, args.device)
     N, R = args.num_samples, args.repeats
+    setup = dict(teacher_hash=weights_hash(teacher), feature_extractor=label, reference=reference, num_samples=N,
+                 repeats=R, evaluation_seeds=seeds, batch_size=args.batch_size, device=describe_device(args.device),
+                 classifier_hash=weights_hash(clf_dir) if os.path.isdir(clf_dir) else None)
+    reused = {} if args.rescore else reusable_rows(os.path.join(out, "report.json"), setup)
     # the `real` row's images: a random draw (datasets may be sorted by class), distinct per repeat
     real_draw = torch.randperm(len(real_train), generator=torch.Generator().manual_seed(seeds[0]))
     if N * R > len(real_draw):
@@ -99,20 +120,28 @@ def main():
         den = teacher_den if spec.source == teacher else None  # the teacher rows share the model loaded above
         if spec.source is not None and den is None:
             den, _ = open_teacher(spec.source, args.dataset, 1.0, args.device)
-        for r in range(R):
+
+        def images_of(indices):  # (images, labels or None, seconds per batch) of sample indices
             if den is None:  # real training images
-                images, labels = torch.stack([real_train[int(i)][0] for i in real_draw[r * N:(r + 1) * N]]), None
-            else:
-                images, labels, sec = generate(den, functools.partial(spec.sampler, den), range(r * N, (r + 1) * N),
-                                               seeds[0], args.batch_size, args.device, desc=spec.name, draws=spec.draws)
-                seconds += sec[1:] or sec
+                return torch.stack([real_train[int(real_draw[i])][0] for i in indices]), None, []
+            return generate(den, functools.partial(spec.sampler, den), indices, seeds[0], args.batch_size, args.device,
+                            desc=spec.name, draws=spec.draws)
+        if spec.name in reused:  # measured by the previous report on the same setup: only its grid row is redrawn
+            rows.append(reused[spec.name])
+            grid.append(images_of(range(grid_columns(num_classes)))[0])
+            continue
+        for r in range(R):
+            images, labels, sec = images_of(range(r * N, (r + 1) * N))
+            seconds += sec[1:] or sec
             m = scores(extract(fe, layer, images, rgb, args.device), f_ref)
             m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
+            m["hf_share"] = high_frequency_share(images.clamp(-1, 1))
             per_repeat.append(m)
             if r == 0:
                 grid.append(images[:grid_columns(num_classes)])
         ms = 1000 * statistics.median(seconds) / args.batch_size if seconds else None
         row = dict(model=spec.name, nfe=spec.nfe, ms_per_image=ms, kid_std=float(np.mean([m["kid_std"] for m in per_repeat])))
+        row.update({k: getattr(spec, k) for k in ("guidance", "steps") if getattr(spec, k) is not None})
         for k in METRICS:
             values = [m[k] for m in per_repeat if m[k] is not None]
             row[k] = float(np.mean(values)) if values else None
@@ -122,8 +151,9 @@ def main():
         print(f"{spec.name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), file=sys.stderr)
 
     report = dict(dataset=args.dataset, feature_extractor=label, num_samples=N, repeats=R, reference=reference,
-                  device=describe_device(args.device), guidance=s, seeds=dict(evaluation=seeds, pairs=pair_seeds(pairs)),
-                  classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows)
+                  device=describe_device(args.device), guidance=s, teacher_guidance=guidances, seeds=dict(evaluation=seeds, pairs=pair_seeds(pairs)),
+                  classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows,
+                  setup=setup, reused_rows=[name for name in reused if any(r["model"] == name for r in rows)])
     add_gap_closed(report)
     md = markdown(report)
     write_report(out, report, md, grid)
@@ -133,6 +163,43 @@ def main():
         write_model_card(pipeline, dict(distilled, steps_done=load_json(summary)["steps_done"]), report)
     print(md)
     print(f"eval: {out}/report.json, report.md, grid.png, fid_vs_nfe.png (rows: {', '.join(r['model'] for r in rows)})")
+
+
+def reusable_rows(path, setup):
+    """The rows of the report at `path` that no student changes (real, teacher, one-step teacher), where that report
+    was made with the same `setup` (teacher weights, classifier, reference, seeds, samples): scoring them again would
+    give the same numbers. {} otherwise."""
+    if not os.path.isfile(path):
+        return {}
+    previous = load_json(path)
+    if previous.get("setup") != setup:
+        return {}
+    rows = {r["model"]: r for r in previous["rows"] if not r["model"].startswith("student")}
+    if rows:
+        print(f"evaluate: {len(rows)} rows that depend on no student reused from {path} (same teacher, classifier, "
+              f"seeds; --rescore scores them again)", file=sys.stderr)
+    return rows
+
+
+def number_list(kind):
+    """An argparse type: comma-separated positive numbers of `kind`, e.g. 2,4,8."""
+    return lambda text: [number(kind, 0)(x) for x in text.split(",")]
+
+
+def teacher_guidance_grid(s, given, guidable):
+    """The guidance scales the teacher rows are scored at: `given` (--teacher-guidance), else s and two scales around
+    it, 1 + (s-1)/2 and s + (s-1)/2 (s = 3: 2, 3, 4), so the teacher's best scale is found on either side of the one
+    the student was distilled at. A teacher without a null class has one: 1 (no guidance)."""
+    if not guidable:
+        return [1.0]
+    grid = given or [1 + (s - 1) / 2, s, s + (s - 1) / 2]
+    return sorted(set(grid) | {s})
+
+
+def teacher_row_name(n, g, guidable):
+    """teacher-g<guidance>-ddim-<steps> for a guidable teacher (--rows teacher-g2 = all of guidance 2's rows), else
+    teacher-ddim-<steps>."""
+    return f"teacher-g{g:g}-ddim-{n}" if guidable else f"teacher-ddim-{n}"
 
 
 def pair_seeds(pairs):
@@ -159,6 +226,8 @@ class Row(NamedTuple):
     sampler: Optional[Callable]  # sampler(den, noise, y, generator) -> images in [-1, 1]; None for real images
     nfe: Optional[int]  # network evaluations per image
     draws: int = 1  # noise draws per sample: z, then the K-step generator's re-noising
+    guidance: Optional[float] = None  # a teacher row's guidance scale
+    steps: Optional[int] = None  # a DDIM teacher row's step count
 
 
 # The samplers, as sampler(den, noise, y, generator); a row binds its settings with functools.partial.
@@ -178,15 +247,21 @@ def generator_sampler(den, noise, y, generator, timesteps):
     return sample_generator(den, noise, y, timesteps)
 
 
-def all_rows(args, teacher, pairs, s, teacher_den):
-    """Every row this run can have. A student runs at the timesteps saved with it (its K steps: NFE = K)."""
-    guided, T = s != 1.0 and teacher_den.null_label is not None, teacher_den.T
-    per_step = 2 if guided else 1  # a guided step evaluates the network twice
-    steps = sorted(set(args.ddim_steps) | {pairs.get("sampling_steps", 25)})
+def all_rows(args, teacher, pairs, s, guidances, teacher_den):
+    """Every row this run can have: the teacher at each of `guidances` (at s, the distillation's, every step count
+    of --ddim-steps and the pairs'; at the others, --grid-ddim-steps). A student runs at the timesteps saved with it
+    (its K steps: NFE = K)."""
+    guidable, T = teacher_den.null_label is not None, teacher_den.T
     rows = [Row("real", None, None, None)]
-    rows += [Row(f"teacher-ddim-{n}", teacher, functools.partial(ddim_sampler, steps=n, s=s), n * per_step) for n in steps]
+    for g in guidances:
+        per_step = 2 if g != 1.0 and guidable else 1  # a guided step evaluates the network twice
+        steps = args.ddim_steps + [pairs.get("sampling_steps", 25)] if g == s else args.grid_ddim_steps
+        rows += [Row(teacher_row_name(n, g, guidable), teacher, functools.partial(ddim_sampler, steps=n, s=g),
+                     n * per_step, guidance=g, steps=n) for n in sorted(set(steps))]
     if args.full_ddpm:
-        rows.append(Row(f"teacher-ddpm-{T}", teacher, functools.partial(ddpm_sampler, s=s), T * per_step))
+        rows.append(Row(f"teacher-ddpm-{T}", teacher, functools.partial(ddpm_sampler, s=s), T * (1 + (s != 1.0 and guidable)),
+                        guidance=s))
+    guided = s != 1.0 and guidable
     rows.append(Row("onestep-before", teacher, one_step_sampler, 1))
     if guided:
         rows.append(Row("onestep-before-guided", teacher, functools.partial(one_step_sampler, s=s), 2))
@@ -232,19 +307,30 @@ def write_report(out, report, md, grid):
 
 def add_gap_closed(report):
     """For each student: the share of the teacher -> real FID gap it closes, (FID_teacher - FID) / (FID_teacher -
-    FID_real), against the teacher's BEST row of the FID-vs-NFE curve (its lowest FID over the DDIM step counts
-    evaluated): a student is read against the best the teacher can do, not against one chosen sampler."""
+    FID_real), against the teacher's BEST DDIM row over step counts x guidance scales (`gap_reference`): a student is
+    read against the best the teacher can do, not against one chosen sampler or the guidance it was distilled at.
+    Also, labelled as such, against the teacher's best row at the student's own guidance (`gap_reference_own`,
+    `gap_closed_own`): what earlier reports called "gap closed", which flatters a student whose guidance is not the
+    teacher's best."""
     by_name = {r["model"]: r for r in report["rows"]}
-    teachers = [r for r in report["rows"] if r["model"].startswith("teacher-ddim-")]
+    teachers = [r for r in report["rows"] if is_teacher_ddim(r["model"])]
+    own = [r for r in teachers if r.get("guidance", report.get("guidance")) == report.get("guidance")]
+    report["gap_reference"] = report["gap_reference_own"] = None
     if not teachers or "real" not in by_name:  # --rows left them out
-        report["gap_reference"] = None
         return
-    teacher = min(teachers, key=lambda r: r["fid"])
-    gap = teacher["fid"] - by_name["real"]["fid"]
-    report["gap_reference"] = teacher["model"]
-    for r in report["rows"]:
-        if r["model"].startswith("student"):
-            r["gap_closed"] = (teacher["fid"] - r["fid"]) / gap if gap > 0 else None
+    for key, candidates in (("", teachers), ("_own", own)):
+        if not candidates:
+            continue
+        teacher = min(candidates, key=lambda r: r["fid"])
+        gap = teacher["fid"] - by_name["real"]["fid"]
+        report["gap_reference" + key] = teacher["model"]
+        for r in report["rows"]:
+            if r["model"].startswith("student"):
+                r["gap_closed" + key] = (teacher["fid"] - r["fid"]) / gap if gap > 0 else None
+
+
+def is_teacher_ddim(name):
+    return name.startswith("teacher-") and "-ddim-" in name
 
 
 def describe_device(device):
@@ -262,33 +348,40 @@ def markdown(report):
     seeds = report["seeds"]
     lines = [f"Dataset **{report['dataset']}**, {report['num_samples']} samples per row and repeat, {report['repeats']} "
              f"repeat(s) (mean ± std), reference: {report['reference']}.",
-             f"Features: {report['feature_extractor']}. Device: {report['device']}. Guidance of the teacher rows: {report['guidance']}.",
+             f"Features: {report['feature_extractor']}. Device: {report['device']}.",
              f"Noise seeds {seeds['evaluation'][0]}..{seeds['evaluation'][1] - 1} (held out; the pairs used "
              f"{'..'.join(str(x) for x in seeds['pairs']) if seeds['pairs'] else 'none'}). "
-             f"Gap closed = (FID_teacher - FID) / (FID_teacher - FID_real), teacher = {report['gap_reference']}."]
+             f"Guidance: the student's (distillation's) {report['guidance']}; the teacher rows' "
+             f"{', '.join(f'{g:g}' for g in report.get('teacher_guidance', [report['guidance']]))}.",
+             f"Gap closed = (FID_teacher - FID) / (FID_teacher - FID_real) against the teacher's best row over steps x "
+             f"guidance, {report['gap_reference']}; \"at own guidance\": against its best row at the student's guidance, "
+             f"{report.get('gap_reference_own')}."]
     if report["classifier_test_accuracy"] is not None:
         lines.append(f"Feature classifier held-out accuracy: {report['classifier_test_accuracy']:.1%}.")
-    lines += ["", "| model | NFE | FID | KID | precision | recall | class accuracy | gap closed | ms / image |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | NFE | FID | KID | precision | recall | class accuracy | high-freq. share | gap closed | "
+                  "at own guidance | ms / image |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         kid = f"{r['kid']:.4g} ± {r['kid_std']:.2g}"
         cells = [r["model"], r["nfe"] or "-", cell(r, "fid", "{:.2f}"), kid, cell(r, "precision", "{:.3f}"),
-                 cell(r, "recall", "{:.3f}"), cell(r, "class_accuracy", "{:.1%}"), cell(r, "gap_closed", "{:.0%}"),
-                 cell(r, "ms_per_image", "{:.2f}")]
+                 cell(r, "recall", "{:.3f}"), cell(r, "class_accuracy", "{:.1%}"), cell(r, "hf_share", "{:.3f}"), cell(r, "gap_closed", "{:.0%}"),
+                 cell(r, "gap_closed_own", "{:.0%}"), cell(r, "ms_per_image", "{:.2f}")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_fid_vs_nfe(report, path):
-    """FID against NFE (log scale): the teacher's DDIM curve, each one-step model as a point, the real floor."""
+    """FID against NFE (log scale): the teacher's DDIM curve at each guidance, each one-step model as a point, the
+    real floor."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = report["rows"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    curve = sorted((r for r in rows if r["model"].startswith("teacher-ddim-")), key=lambda r: r["nfe"])
-    ax.errorbar([r["nfe"] for r in curve], [r["fid"] for r in curve], yerr=[r.get("fid_std", 0) for r in curve],
-                marker="o", label="teacher, DDIM")
+    for g in sorted({r.get("guidance") for r in rows if is_teacher_ddim(r["model"])}):
+        curve = sorted((r for r in rows if is_teacher_ddim(r["model"]) and r.get("guidance") == g), key=lambda r: r["nfe"])
+        own = " (the student's)" if g == report["guidance"] else ""
+        ax.errorbar([r["nfe"] for r in curve], [r["fid"] for r in curve], yerr=[r.get("fid_std", 0) for r in curve],
+                    marker="o", label=f"teacher, DDIM, guidance {g:g}{own}" if g is not None else "teacher, DDIM")
     for r in rows:
         if r["model"].startswith(("student", "onestep", "teacher-ddpm")):
             ax.errorbar([r["nfe"]], [r["fid"]], yerr=[r.get("fid_std", 0)], marker="*" if r["model"].startswith("student") else "s",

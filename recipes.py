@@ -1,7 +1,7 @@
 """Every per-dataset default in one table, each value with its source.
 
 Sources: [seed] the source report's table (docs/ALGORITHM.md, "Sources"); [teacher] the teacher's own code or model
-card; [DMD2] Yin et al. 2024 and its code (tianweiy/DMD2); [here] measured on this project's machine
+card; [data] the dataset's own documentation; [DMD2] Yin et al. 2024 and its code (tianweiy/DMD2); [here] measured on this project's machine
 (docs/RESULTS.md). A script's flag, where given, always wins over the table.
 """
 import json
@@ -13,6 +13,15 @@ PRESETS = {
         T=400, beta_end=0.02,  # [teacher] TeaPearce/Conditional_Diffusion_MNIST: 400 steps, linear β 1e-4 → 0.02
         teacher=None,  # no pretrained teacher to download: train_teacher.py makes one
         num_pairs=12800, lr=5e-6, steps=2000,  # [seed] pairs, lr of netG and µfake, steps at batch 64
+        class_names=tuple(str(k) for k in range(10)),
+    ),
+    "fashion-mnist": dict(  # Xiao et al. 2017: MNIST's format with textures and within-class variety MNIST lacks
+        shape=(1, 28, 28), num_classes=10,
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"),  # [data] the dataset's label order
+        T=400, beta_end=0.02,  # [here] MNIST's teacher and schedule: the same ContextUnet, trained by train_teacher.py
+        teacher=None,
+        num_pairs=12800, lr=5e-6, steps=2000,  # [seed] MNIST's row (the seed has no Fashion-MNIST)
     ),
     "celeba": dict(
         shape=(3, 64, 64), num_classes=0,  # [seed] unconditional faces; 64x64 is our choice

@@ -21,8 +21,7 @@ from data import load_dataset, save_grid
 from files import STATE, TEACHER, check_run_folder, load_state, save_state, write_json
 from losses import denoising_loss
 from checkpoints import save_teacher
-from denoiser import Denoiser
-from networks import make_teacher
+from models import Denoiser, make_teacher
 from recipes import PRESETS, default_guidance
 from sampling import sample_teacher
 

@@ -16,8 +16,7 @@ from accelerate import Accelerator
 
 import dmd
 from losses import pseudo_huber
-from denoiser import Denoiser, make_dmd_networks
-from networks import make_teacher
+from models import Denoiser, make_dmd_networks, make_teacher
 from recipes import PRESETS, default_guidance
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

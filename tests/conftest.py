@@ -23,7 +23,7 @@ os.environ.update(HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
 
 import cli  # noqa: E402
 from checkpoints import save_teacher  # noqa: E402
-from networks import make_teacher  # noqa: E402
+from models import make_teacher  # noqa: E402
 
 # Tiny UNet2DModel for the 3-channel datasets: the real configs are exercised by the parameter-count tests.
 TINY_UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,

@@ -19,8 +19,7 @@ from PIL import Image
 
 from checkpoints import load_teacher, save_pipeline, save_student, weights_hash
 from cli import UserError
-from denoiser import Denoiser
-from networks import class_labels_of, make_teacher
+from models import Denoiser, class_labels_of, make_teacher
 from sampling import one_step
 
 
@@ -60,9 +59,10 @@ def test_own_teacher_and_data_end_to_end(custom):
     config = read_json(r / "dmd" / "config.json")
     assert config["dataset"] == "custom" and config["num_classes"] == 2 and config["gan_weight"] == 1e-2
     run("evaluate.py", "--fid", "--teacher", teacher, "--run-dir", r, "--data-dir", data, "--num-samples", 4,
-        "--batch-size", 4, "--classifier-epochs", 1, "--ddim-steps", "1")
+        "--batch-size", 4, "--classifier-epochs", 1, "--ddim-steps", "1", "--grid-ddim-steps", "1")
     rows = {row["model"]: row for row in read_json(r / "eval" / "report.json")["rows"]}
-    assert list(rows) == ["real", "teacher-ddim-1", "teacher-ddim-2", "onestep-before", "onestep-before-guided", "student"]
+    assert list(rows) == ["real", "teacher-g1.5-ddim-1", "teacher-g2-ddim-1", "teacher-g2-ddim-2", "teacher-g2.5-ddim-1",
+                          "onestep-before", "onestep-before-guided", "student"]
     # the share of the 4 samples put in their requested class (k / 4); real images request none
     assert all(rows[name]["class_accuracy"] in (0, 0.25, 0.5, 0.75, 1) for name in rows if name != "real")
     assert rows["real"]["class_accuracy"] is None
@@ -80,7 +80,7 @@ n, K = 4, int(sys.argv[2])
 images = pipe(batch_size=n, class_labels=[i % 2 for i in range(n)], num_inference_steps=K,
               generator=[torch.Generator().manual_seed(i) for i in range(n)], output_type="np").images
 np.save(sys.argv[3], images)
-ours = [m for m in ("networks", "denoiser", "checkpoints", "contextunet", "dmd", "sampling", "cli", "files") if m in sys.modules]
+ours = [m for m in ("models", "checkpoints", "contextunet", "dmd", "sampling", "cli", "files") if m in sys.modules]
 assert not ours, ours
 """
 
@@ -128,7 +128,7 @@ pipe.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwa
 torch.manual_seed(0)
 pipe(batch_size=200, num_inference_steps=1)
 np.save("drawn.npy", torch.cat(seen).numpy())
-ours = [m for m in ("networks", "denoiser", "checkpoints", "contextunet", "dmd", "sampling", "cli", "files") if m in sys.modules]
+ours = [m for m in ("models", "checkpoints", "contextunet", "dmd", "sampling", "cli", "files") if m in sys.modules]
 assert not ours, ours
 """
 

@@ -51,3 +51,26 @@ def test_missing_data_dir_is_one_clean_error(tmp_path):
         load_dataset("mnist", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="no train-images-idx3-ubyte"):
         load_dataset("mnist", str(tmp_path))  # exists, but holds no IDX files
+
+
+def test_fashion_mnist_from_data_dir_then_the_debian_package_then_a_clear_error(tmp_path, monkeypatch):
+    """--dataset fashion-mnist reads --data-dir's IDX files; without it, the Debian package's folder (made-up files
+    here, nothing installed); with neither and no download, one error naming both ways to get the data."""
+    import torchvision
+    import data
+    (tmp_path / "mine").mkdir()
+    images, _ = fake_mnist(tmp_path / "mine", n=12, gz=True)
+    x, y = load_dataset("fashion-mnist", str(tmp_path / "mine"))[5]
+    assert y == 5 and torch.equal(x[0], torch.from_numpy(images[5]).float() / 127.5 - 1)
+    (tmp_path / "deb").mkdir()
+    deb_images, _ = fake_mnist(tmp_path / "deb", n=7)
+    monkeypatch.setattr(data, "FASHION_MNIST_DEB", str(tmp_path / "deb"))
+    ds = load_dataset("fashion-mnist")
+    assert len(ds) == 7 and torch.equal(ds[2][0][0], torch.from_numpy(deb_images[2]).float() / 127.5 - 1)
+
+    def offline(*a, **k):
+        raise RuntimeError("no network")
+    monkeypatch.setattr(data, "FASHION_MNIST_DEB", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist.*--data-dir"):
+        load_dataset("fashion-mnist")

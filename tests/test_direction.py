@@ -15,8 +15,7 @@ from diffusers.configuration_utils import FrozenDict
 import dmd
 import evaluate
 import metrics
-from denoiser import Denoiser, make_dmd_networks
-from networks import make_teacher
+from models import Denoiser, make_dmd_networks, make_teacher
 
 T = 1000
 SHAPE = (1, 4, 4)  # the Gaussian test's images: 16 i.i.d. pixels
@@ -188,3 +187,33 @@ def test_gap_closed_is_the_formula_on_hand_made_rows():
     no_real = rows(("teacher-ddim-2", 10.0, 2), ("student", 6.0, 1))
     evaluate.add_gap_closed(no_real)
     assert no_real["gap_reference"] is None and "gap_closed" not in no_real["rows"][-1]
+
+
+def test_gap_closed_is_against_the_best_guidance_not_the_students():
+    """Hand-made rows of a guided teacher over steps x guidance: the student, distilled at guidance 3, is read against
+    the teacher's best row at ANY guidance (guidance 2, DDIM-4: 20), not against its best row at guidance 3 (40); that
+    second gap is reported too, as gap_closed_own."""
+    rows = [dict(model=name, fid=fid, nfe=2 * int(name.split("-")[-1]), guidance=g) for name, fid, g in (
+        ("teacher-g2-ddim-4", 20.0, 2.0), ("teacher-g2-ddim-8", 24.0, 2.0), ("teacher-g3-ddim-2", 44.0, 3.0),
+        ("teacher-g3-ddim-4", 40.0, 3.0), ("teacher-g4-ddim-8", 60.0, 4.0))]
+    report = dict(guidance=3.0, rows=[dict(model="real", fid=4.0, nfe=None), *rows, dict(model="student", fid=16.0, nfe=1)])
+    evaluate.add_gap_closed(report)
+    student = report["rows"][-1]
+    assert report["gap_reference"] == "teacher-g2-ddim-4" and report["gap_reference_own"] == "teacher-g3-ddim-4"
+    assert student["gap_closed"] == pytest.approx((20 - 16) / (20 - 4))  # 25%: beyond the teacher's best
+    assert student["gap_closed_own"] == pytest.approx((40 - 16) / (40 - 4))  # 67%: the flattering reading
+
+
+def test_high_frequency_share_on_known_spectra():
+    """metrics.high_frequency_share: variations that are a checkerboard (0.5 cycles per pixel) are all high frequency,
+    slow waves (1/28 cycles per pixel) none of it, an equal-power mix of the two half; the set's mean image (here a
+    bright square every image shares) does not count."""
+    i = torch.arange(28, dtype=torch.float64)
+    checker, wave = (-1.0) ** (i[:, None] + i[None, :]), torch.cos(2 * torch.pi * i / 28)[:, None].expand(28, 28)
+    signs = torch.tensor([1.0, -1.0] * 4).view(-1, 1, 1, 1)  # +/- the pattern: the set's mean is 0
+    square = torch.zeros(28, 28)
+    square[8:20, 8:20] = 1
+    assert metrics.high_frequency_share(signs * checker + square) == pytest.approx(1.0)
+    assert metrics.high_frequency_share(signs * wave + square) == pytest.approx(0.0, abs=1e-12)
+    mix = torch.cat([signs * checker, signs * wave * 2 ** 0.5])  # the cosine's power is half its square's sum
+    assert metrics.high_frequency_share(mix) == pytest.approx(0.5)

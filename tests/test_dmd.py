@@ -9,8 +9,7 @@ from conftest import TINY_N_FEAT
 
 import dmd
 from losses import pseudo_huber
-from denoiser import Denoiser, make_dmd_networks
-from networks import make_teacher
+from models import Denoiser, make_dmd_networks, make_teacher
 from sampling import generator_timesteps, one_step, sample_generator, seeded_noise
 
 

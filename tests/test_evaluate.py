@@ -68,13 +68,14 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert read_json(d / "dmd" / "student_best" / "probe.json") == dict(step=best["step"], probe_fid=best["probe_fid"],
                                                                         of="student")  # no EMA: the student itself
     r = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-            "--ddim-steps", "1,2")
+            "--ddim-steps", "1,2", "--grid-ddim-steps", "1")
     report = read_json(d / "eval" / "report.json")
     assert report["dataset"] == "mnist" and report["num_samples"] == 20
     assert report["feature_extractor"].startswith("classifier")  # no Inception weights offline
     rows = {row["model"]: row for row in report["rows"]}
-    assert list(rows) == ["real", "teacher-ddim-1", "teacher-ddim-2", "teacher-ddim-3", "onestep-before",
-                          "onestep-before-guided", "student", "student-best"]
+    assert list(rows) == ["real", "teacher-g1.5-ddim-1", "teacher-g2-ddim-1", "teacher-g2-ddim-2", "teacher-g2-ddim-3",
+                          "teacher-g2.5-ddim-1", "onestep-before", "onestep-before-guided", "student", "student-best"]
+    assert report["guidance"] == 2.0 and report["teacher_guidance"] == [1.5, 2.0, 2.5]  # the pairs' and around it
     for name, row in rows.items():
         for key in ("fid", "kid", "kid_std", "precision", "recall"):
             assert np.isfinite(row[key]), (name, key)
@@ -82,18 +83,29 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
             assert row["class_accuracy"] * 20 == pytest.approx(round(row["class_accuracy"] * 20), abs=1e-6), name
             assert row["ms_per_image"] > 0, name
     assert rows["real"]["class_accuracy"] is None  # real images have no requested class
-    assert [rows[n]["nfe"] for n in ("teacher-ddim-1", "teacher-ddim-3", "onestep-before", "onestep-before-guided",
+    assert [rows[n]["nfe"] for n in ("teacher-g2-ddim-1", "teacher-g2-ddim-3", "onestep-before", "onestep-before-guided",
                                      "student")] == [2, 6, 1, 2, 1]  # guided: 2 evaluations per step
     evaluation, pairs = report["seeds"]["evaluation"], report["seeds"]["pairs"]
     assert pairs == [0, 48] and evaluation[0] >= pairs[1]  # held out: the student never saw these noises
     assert not set(range(*evaluation)) & set(range(PROBE_SEED, PROBE_SEED + 20))
-    best = min((n for n in rows if n.startswith("teacher-ddim-")), key=lambda n: rows[n]["fid"])
-    teacher, real = rows[best]["fid"], rows["real"]["fid"]  # the teacher's best row of the FID-vs-NFE curve
+    best = min((n for n in rows if n.startswith("teacher-")), key=lambda n: rows[n]["fid"])
+    teacher, real = rows[best]["fid"], rows["real"]["fid"]  # the teacher's best row over steps x guidance
     assert report["gap_reference"] == best
     assert rows["student"]["gap_closed"] == pytest.approx((teacher - rows["student"]["fid"]) / (teacher - real))
+    own = min((n for n in rows if n.startswith("teacher-g2-")), key=lambda n: rows[n]["fid"])
+    assert report["gap_reference_own"] == own
+    assert rows["student"]["gap_closed_own"] == pytest.approx((rows[own]["fid"] - rows["student"]["fid"]) / (rows[own]["fid"] - real))
     for f in ("report.md", "grid.png", "fid_vs_nfe.png"):
         assert (d / "eval" / f).is_file(), f
-    assert "| student | 1 |" in r.stdout
+    assert report["reused_rows"] == []
+    # evaluated again on the same setup, the rows no student changes are taken from the report, not scored again
+    run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
+        "--ddim-steps", "1,2", "--grid-ddim-steps", "1")
+    again = read_json(d / "eval" / "report.json")
+    assert again["reused_rows"] == [n for n in rows if not n.startswith("student")]
+    assert again["rows"][:-2] == report["rows"][:-2]  # the students are scored again: same numbers, new timings
+    assert [r["fid"] for r in again["rows"][-2:]] == [r["fid"] for r in report["rows"][-2:]]
+    assert "| student | 1 |" in r.stdout and f"best row over steps x guidance, {best}" in r.stdout
     # a failed evaluation destroys nothing: a misspelt row is refused before any work, with one line naming the rows
     # there are, and a row that fails after others succeeded (a truncated student) writes no file either
     files = {f: (d / "eval" / f).read_bytes() for f in ("report.json", "report.md", "grid.png", "fid_vs_nfe.png")}
@@ -104,7 +116,7 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     weights = d / "dmd" / "student" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     bad = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-              "--rows", "real,student", check=False, limit=60)
+              "--rows", "real,student", "--rescore", check=False, limit=60)
     assert bad.returncode == 2 and "real: fid" in bad.stderr and "could not be loaded" in bad.stderr, bad.stderr[-2000:]
     assert {f: (d / "eval" / f).read_bytes() for f in files} == files and not (d / "eval.tmp").exists()
     # the metric's floor alone (no row on the NFE axis) is a report too

@@ -11,8 +11,7 @@ from diffusers import UNet2DModel
 
 import cli
 from checkpoints import load_teacher, save_teacher
-from denoiser import Denoiser, make_dmd_networks
-from networks import CIFAR10_UNET, count_params, make_teacher
+from models import CIFAR10_UNET, Denoiser, count_params, make_dmd_networks, make_teacher
 from recipes import PRESETS
 from sampling import one_step, sample_teacher
 
@@ -187,7 +186,7 @@ def test_keep_freed_memory_keeps_it_and_importing_changes_nothing():
     """cli.keep_freed_memory: a freed 256 MB tensor stays resident, so the next one needs no page faults. Importing
     every module of the project must not do that (no process-wide side effect on import): glibc's default behaviour,
     handing it back at once, must survive the imports."""
-    modules = "checkpoints, cli, contextunet, data, denoiser, dmd, files, losses, metrics, networks, recipes, sampling"
+    modules = "checkpoints, cli, contextunet, data, dmd, files, losses, metrics, models, recipes, sampling"
     assert freed_mb(f"import {modules}") > 200  # glibc's default: given back
     assert freed_mb("import cli; cli.keep_freed_memory()") < 64  # kept
 

@@ -17,7 +17,7 @@ def test_tiny_end_to_end(tmp_path, dataset):
     run("evaluate.py", *common, "--fid", "--data-dir", data, "--num-samples", 8, "--batch-size", 4,
         "--classifier-epochs", 1)
     report = read_json(r / "eval" / "report.json")
-    assert [row["model"] for row in report["rows"]] == ["real", "teacher-ddim-1", "teacher-ddim-2", "teacher-ddim-4",
-                                                        "teacher-ddim-8", "onestep-before", "student"]
+    assert [row["model"] for row in report["rows"]] == ["real", "teacher-ddim-2", "teacher-ddim-4", "teacher-ddim-8",
+                                                        "onestep-before", "student"]  # unconditional: one guidance, 1
     assert all(row["class_accuracy"] is None for row in report["rows"])  # no classes: skipped cleanly
     assert read_json(r / "classifier" / "config.json")["task"] == "rotation"  # self-supervised features

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from data import load_pairs
 from checkpoints import load_teacher
-from denoiser import Denoiser
+from models import Denoiser
 from sampling import sample_teacher
 
 
