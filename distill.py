@@ -91,6 +91,9 @@ def parse_args():
                         f"its pipeline's LCM scheduler starts): drop --generator-t or --generator-steps")
     if args.backward_simulation and args.generator_steps == 1:
         raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
+    if args.divergence != "reverse-kl" and args.generator_loss == "sid":
+        raise UserError(f"--divergence {args.divergence} weighs DMD's gradient and --generator-loss sid replaces it: "
+                        f"drop --divergence, or use --generator-loss dmd")
     if args.divergence != "reverse-kl" and args.gan_weight == 0:
         raise UserError(f"--divergence {args.divergence} weighs the DM gradient by the density ratio the GAN head "
                         f"estimates, and --gan-weight 0 has no head: add --gan-weight > 0 (the demo: 3e-2), or drop --divergence")
@@ -332,8 +335,10 @@ def check_method_inputs(args, T, real):
 
 
 def check_same_method(args, saved, out):
-    """--resume continues the run in `out`: the networks and their optimisers must be the ones it saved."""
+    """--resume continues the run in `out`: the networks, their optimisers and the generator's loss must be the ones
+    it saved."""
     for flag, now, then in (("--gan-weight > 0", args.gan_weight > 0, saved.get("gan_weight", 0) > 0),
+                            ("--generator-loss", args.generator_loss, saved.get("generator_loss", "dmd")),
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
                             ("--generator-t", args.generator_t, saved.get("generator_t", 1.0)),
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
@@ -383,7 +388,7 @@ def plot_losses(out):
         return
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    keys = [k for k in ("loss_dm", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
+    keys = [k for k in ("loss_dm", "loss_sid", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
                         "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema", "probe_gap") if any(k in r for r in rows)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
     for ax, k in zip(axes, keys):

@@ -7,9 +7,10 @@
 
 DMD (Yin et al. 2023) is the default; DMD2 (Yin et al. 2024) is the same step with --reg-weight 0 (no pairs),
 --gen-every 5, a GAN head on µfake (--gan-weight, --gan-disc-weight) and optionally a K-step generator
-(--generator-steps K, --backward-simulation). distill.py runs these functions in its loop; benchmarks/ time the
-very same ones. The method's knobs are declared here, once (`StepConfig` and its flags in `add_arguments`),
-beside the code that reads them.
+(--generator-steps K, --backward-simulation). SiD (Zhou et al. 2024) is the same step with another generator loss
+(--generator-loss sid), and SiDA that with the GAN head. distill.py runs these functions in its loop; benchmarks/
+time the very same ones. The method's knobs are declared here, once (`StepConfig` and its flags in
+`add_arguments`), beside the code that reads them.
 """
 import contextlib
 from dataclasses import dataclass, fields
@@ -21,7 +22,7 @@ from torch.profiler import record_function
 
 from cli import number
 from losses import (F_DIVERGENCES, denoising_loss, dm_loss, dm_timesteps, f_divergence_weight, gan_discriminator_loss,
-                    gan_generator_loss)
+                    gan_generator_loss, sid_loss)
 from models import Denoiser
 from sampling import generator_timesteps
 
@@ -50,6 +51,8 @@ class StepConfig:
     ratio_min: float = 0.1
     ratio_max: float = 20.0
     ratio_bins: int = 10
+    generator_loss: str = "dmd"
+    sid_alpha: float = 1.2
 
     @classmethod
     def from_args(cls, args, **overrides):
@@ -63,7 +66,7 @@ def add_arguments(p):
     C = StepConfig
     p.add_argument("--gen-every", type=number(int, 0), default=C.gen_every, help="netG update every N steps (1 = DMD, 5 = DMD2's two time-scale rule)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="µreal's guidance scale; default the pairs' (they must match), else recipes.default_guidance")
-    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=C.dm_weight, help="weight of the DM loss (0 = regression only, for ablations)")
+    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=C.dm_weight, help="weight of the DM loss, or of SiD's with --generator-loss sid (0 = regression only, for ablations)")
     p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=C.reg_weight, help="λ_reg on the regression loss (seed's α: 0.25); 0 = DMD2: no pairs needed")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "pseudo_huber", "l2"], help="regression distance (LPIPS at 224 as DMD)")
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")
@@ -92,6 +95,13 @@ def add_arguments(p):
     p.add_argument("--ratio-max", type=number(float, 0), default=C.ratio_max, help="f-divergence: r clipped above at this (f-distill: 20)")
     p.add_argument("--ratio-bins", type=number(int, 0, inclusive=True), default=C.ratio_bins,
                    help="f-divergence: r divided by its batch mean within this many t-bins, so h does not just follow t (f-distill: 10; 0 = off)")
+    p.add_argument("--generator-loss", default=C.generator_loss, choices=["dmd", "sid"],
+                   help="netG's distribution-matching loss: DMD's score difference, or SiD's score-identity loss "
+                        "(Zhou et al. 2024), whose gradient also flows through µreal's and µfake's inputs; with "
+                        "--gan-weight > 0, SiDA")
+    p.add_argument("--sid-alpha", type=number(float, 0, inclusive=True), default=C.sid_alpha,
+                   help="SiD's α, the weight of its -||f_φ - f_ψ||² term (SiD: 1.2; SiDA: 1.0; lower it where 1.2 "
+                        "diverges)")
     return p
 
 
@@ -202,8 +212,8 @@ def generator_inputs(nets, b, cfg):
 
 @contextlib.contextmanager
 def frozen(module):
-    """Parameters that get no gradient inside the block: G's GAN loss flows through µfake to G's images without
-    computing (and leaving behind) gradients for µfake's own weights."""
+    """Parameters that get no gradient inside the block: G's GAN loss flows through µfake to G's images (and SiD's
+    loss through µreal and µfake) without computing (and leaving behind) gradients for their own weights."""
     flags = [p.requires_grad for p in module.parameters()]
     module.requires_grad_(False)
     try:
@@ -219,7 +229,8 @@ def gan_inputs(nets, x, eps, b):
 
 
 def generator_update(nets, opt_g, b, cfg, accelerator):
-    """One netG update: loss_G = loss_DM + λ_reg loss_reg + λ_GAN loss_GAN (docs/ALGORITHM.md, "Generator update").
+    """One netG update: loss_G = loss_DM + λ_reg loss_reg + λ_GAN loss_GAN (docs/ALGORITHM.md, "Generator update");
+    --generator-loss sid puts SiD's loss in loss_DM's place, and SiDA (with the GAN) halves it and the GAN term.
     Returns G's images of the fresh batch (detached, for µfake's update) and the numbers to log."""
     B = len(b.z)
     x_in, t_in = generator_inputs(nets, b, cfg)
@@ -231,27 +242,39 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
             y = torch.cat([b.y, b.y_ref]) if with_pairs and b.y is not None else b.y
             x_all = generator(nets, x_in, t_in, y)
             x, x_reg = x_all[:B], x_all[B:]
-        with record_function("µreal and µfake score G's images"), torch.no_grad():
-            x_t = nets.net_g.add_noise(x.detach(), b.eps_dm, b.t_dm)
-            p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided: the real score
-            p_fake = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
-        h, f_stats = (None, {}) if cfg.divergence == "reverse-kl" else f_weights(nets, x_t, b, cfg, accelerator)
-        loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float(), h)
+        sid = cfg.generator_loss == "sid"
+        if sid:  # x_t keeps x's gradient, and both networks pass it on to x; their weights get none
+            with record_function("µreal and µfake score G's images, gradient through x_t (SiD)"), \
+                    frozen(nets.mu_real), frozen(nets.mu_fake):
+                x_t = nets.net_g.add_noise(x, b.eps_dm, b.t_dm)
+                f_phi = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided, as DMD's real score
+                f_psi = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
+            f_stats = {}  # f-distill weighs DMD's gradient only (distill.py refuses --divergence with SiD)
+            loss_dm, w = sid_loss(x.float(), f_phi.float(), f_psi.float(), cfg.sid_alpha)
+        else:
+            with record_function("µreal and µfake score G's images"), torch.no_grad():
+                x_t = nets.net_g.add_noise(x.detach(), b.eps_dm, b.t_dm)
+                p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided: the real score
+                p_fake = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
+            h, f_stats = (None, {}) if cfg.divergence == "reverse-kl" else f_weights(nets, x_t, b, cfg, accelerator)
+            loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float(), h)
         loss_reg = nets.regression(x_reg.float(), b.x_ref.float()) if with_pairs else torch.zeros(())
         loss_gan = torch.zeros(())
         if cfg.gan_weight > 0:
             with record_function("µfake's head on G's images"), frozen(nets.mu_fake):
                 loss_gan = gan_generator_loss(nets.mu_fake(gan_inputs(nets, x, b.eps_gan[0], b), b.t_gan, b.y,
                                                            realism=True).float())
-        loss_g = cfg.dm_weight * loss_dm + cfg.reg_weight * loss_reg + cfg.gan_weight * loss_gan
-    check_finite(loss_g=loss_g, loss_dm=loss_dm, loss_reg=loss_reg, loss_gan=loss_gan)
+        mix = 0.5 if sid and cfg.gan_weight > 0 else 1.0  # SiDA: 0.5 L_SiD + 0.5 λ_GAN L_GAN
+        loss_g = mix * cfg.dm_weight * loss_dm + cfg.reg_weight * loss_reg + mix * cfg.gan_weight * loss_gan
+    dm_key = "loss_sid" if sid else "loss_dm"  # SiD's loss is another quantity (it can be negative): another name
+    check_finite(loss_g=loss_g, **{dm_key: loss_dm}, loss_reg=loss_reg, loss_gan=loss_gan)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_g)
         grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
-    stats = dict(loss_dm=loss_dm.item(), loss_reg=loss_reg.item(), loss_g=loss_g.item(), w=w.mean().item(), grad_g=grad.item(),
-                 **f_stats)
+    stats = {dm_key: loss_dm.item(), "loss_reg": loss_reg.item(), "loss_g": loss_g.item(), "w": w.mean().item(),
+             "grad_g": grad.item(), **f_stats}
     if cfg.gan_weight > 0:
         stats["loss_gan"] = loss_gan.item()
     return x.detach(), stats

@@ -35,6 +35,26 @@ def dm_loss(x, p_real, p_fake, h=None):
     return 0.5 * F.mse_loss(x, (x - g).detach()), w.flatten()
 
 
+def sid_loss(x_g, f_phi, f_psi, alpha=1.2):
+    """Score identity Distillation's generator loss (SiD, Zhou et al. 2024; docs/ALGORITHM.md, "SiD / SiDA").
+
+    x_g:   (B, C, H, W) generator output G(z, y), with grad
+    f_phi: (B, C, H, W) µreal's x̂0 of x_t = √ᾱ_t x_g + √(1-ᾱ_t) ε (guided), with grad through x_t (not its weights)
+    f_psi: (B, C, H, W) µfake's x̂0 of the same x_t (never guided), likewise
+    alpha: weight of the -||f_phi - f_psi||² term (SiD: 1.2, SiDA: 1.0)
+
+    w = mean_{C,H,W} |x_g - f_phi| per sample, no grad (DMD's normaliser), at least 1e-5 as in SiD's code;
+    loss = mean_{B,C,H,W} (f_phi - f_psi) · ((f_phi - x_g) - alpha (f_phi - f_psi)) / w.
+    SiD's code sums over (C, H, W) where this takes the mean, so that with f_phi and f_psi detached the gradient
+    w.r.t. x_g is (f_psi - f_phi) / (w numel) = dm_loss's g / numel exactly: same lr, same step as DMD's. With
+    them attached, the gradient also flows through x_t into both networks (alpha only acts there).
+    Returns (loss, w (B,)).
+    """
+    w = (x_g.detach() - f_phi.detach()).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)  # (B, 1, 1, 1)
+    d = f_phi - f_psi  # (B, C, H, W) ∝ the score difference s_real - s_fake at x_t
+    return (d * ((f_phi - x_g) - alpha * d) / w).mean(), w.flatten()
+
+
 # f-distill (Xu, Nie & Vahdat 2025): minimising any f-divergence D_f(p_real || p_fake) = E_fake[f(r)] weights the DM
 # gradient per sample by h(r) = f''(r) r², r = p_real(x_t) / p_fake(x_t) at the noised sample (constants dropped:
 # h is normalised below). Reverse KL, f(r) = -log r, gives h = 1: DMD. Weights grow with r for the mode-covering ones:

@@ -46,8 +46,9 @@ def timer(fn, out):
 # ---------------------------------------------------------------------------------------------
 # The work
 # ---------------------------------------------------------------------------------------------
-def networks(dataset):
-    backbone, scheduler = make_teacher(dataset, "epsilon")
+def networks(dataset, n_feat=128):
+    """The dataset's teacher (MNIST's ContextUnet at width `n_feat`: 128 the seed's, 32 the CPU demo's)."""
+    backbone, scheduler = make_teacher(dataset, "epsilon", n_feat=n_feat)
     return Denoiser(backbone.eval(), scheduler).to(DEV)
 
 
@@ -87,11 +88,12 @@ class DMDStep:
         self.accelerator = Accelerator(cpu=DEV == "cpu")
         self.gen = torch.Generator().manual_seed(0)
 
-    def __call__(self):
-        """One whole step, the generator update included (step 0 of --gen-every)."""
-        b = dmd.draw_batch(self.gen, 0, self.args, self.shape, self.num_classes, self.nets.net_g.T, self.pairs,
+    def __call__(self, step=0):
+        """One whole step: by default step 0 of --gen-every, the generator update included; others of the cycle only
+        update µfake."""
+        b = dmd.draw_batch(self.gen, step, self.args, self.shape, self.num_classes, self.nets.net_g.T, self.pairs,
                            self.real, device=self.dev)
-        dmd.dmd_step(0, self.nets, self.opt_g, self.opt_fake, b, self.args, self.accelerator)
+        dmd.dmd_step(step, self.nets, self.opt_g, self.opt_fake, b, self.args, self.accelerator)
         sync()
 
 

@@ -85,3 +85,37 @@ def test_distill_step(benchmark, dataset, recipe):
                                 timed_rounds=len(benchmark.stats.stats.data),
                                 peak_mem_mb=mem.mb, mem_kind=mem.kind, teacher_train_step_peak_mem_mb=train_mem.mb,
                                 mem_vs_teacher_train_step=mem.mb / train_mem.mb)
+
+
+# The CPU demo's step (the Makefile's DISTILL_FLAGS, less the loop's flags): DMD2 with the GAN head on the down path.
+DEMO = ["--reg-weight", "0", "--gen-every", "5", "--gan-weight", "3e-2", "--gan-disc-weight", "1e-1",
+        "--gan-head-input", "down"]
+
+
+@pytest.mark.parametrize("generator_loss", ["dmd", "sid"])
+def test_generator_loss_step(benchmark, generator_loss):
+    """DMD2's generator loss against SiD's at the CPU demo's settings (MNIST ContextUnet, n_feat 32, batch 32, the
+    demo's flags; with its GAN head on, SiD is SiDA). Timed: one whole --gen-every cycle, the generator update's step
+    and the 4 that only update µfake (the same for both losses), with the generator update's step also timed alone;
+    a teacher forward is timed between the rounds as the unit: compare the two rows in it. Memory: the peak over the
+    cycles, the generator update (where SiD keeps µreal's and µfake's activations for its backward) included."""
+    B = 32
+    base = mem_baseline()
+    den = networks("mnist", n_feat=32)
+    z, y = inputs("mnist", B)
+    step = DMDStep(den, B, [*DEMO, "--generator-loss", generator_loss])
+    g_steps, forward = [], []
+
+    def cycle():
+        timer(step, g_steps)()  # step 0: the generator update, then µfake's
+        for i in range(1, step.args.gen_every):
+            step(i)
+    with PeakMemory(base) as mem:
+        benchmark.pedantic(cycle, setup=timer(lambda: teacher_forward(den, z, y), forward), rounds=3, warmup_rounds=1,
+                           iterations=1)
+    cycle_s, fwd, g_step = benchmark.stats.stats.median, statistics.median(forward), statistics.median(g_steps[1:])
+    benchmark.extra_info.update(dataset="mnist", n_feat=32, generator_loss=generator_loss, batch=B, device=device_name(),
+                                gen_every=step.args.gen_every, ms_per_step=1000 * cycle_s / step.args.gen_every,
+                                g_step_ms=1000 * g_step, teacher_forward_ms=1000 * fwd,
+                                per_step_vs_teacher_forward=cycle_s / step.args.gen_every / fwd,
+                                g_step_vs_teacher_forward=g_step / fwd, peak_mem_mb=mem.mb, mem_kind=mem.kind)

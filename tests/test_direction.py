@@ -1,14 +1,16 @@
 """Tests of direction: the method pushes the right way. Each test here fails when a sign or an argument order of the
-method is flipped (µreal and µfake swapped in the DM loss, the GAN losses' logits negated or swapped), which tests of
-shapes, finiteness and resume cannot see. They run the project's own code (dmd.py's updates, Denoiser, losses,
-metrics.class_accuracy, evaluate.add_gap_closed) on tiny inputs whose right answer is known in closed form."""
+method is flipped (µreal and µfake swapped in the DM loss, SiD's α negated or its gradient through the networks'
+inputs cut, the GAN losses' logits negated or swapped), which tests of shapes, finiteness and resume cannot see. They
+run the project's own code (dmd.py's updates, Denoiser, losses, metrics.class_accuracy, evaluate.add_gap_closed) on
+tiny inputs whose right answer is known in closed form."""
+import dataclasses
 import types
 
 import pytest
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from conftest import TINY_UNET
+from conftest import TINY_N_FEAT, TINY_UNET
 from diffusers import DDPMScheduler
 from diffusers.configuration_utils import FrozenDict
 
@@ -69,21 +71,112 @@ class AffineGenerator(nn.Module):
         return types.SimpleNamespace(sample=self.mu + self.sigma * z)
 
 
-@pytest.mark.parametrize("start", [(1.5, 1.5), (-1.0, 0.1)], ids=["from_above", "from_below"])
-def test_dm_gradient_moves_the_generator_to_the_real_distribution(start):
-    """dmd.generator_update with the DM loss alone, exact Gaussian denoisers as µreal (the data, N(0.3, 0.5²)) and µfake
-    (the generator's current N(µ, σ²)), drives G(z) = µ + σz to the data's mean and std from above and from below.
-    With µreal and µfake swapped anywhere on the way (dmd.py's call, losses.dm_loss) it runs away instead."""
-    m, s = 0.3, 0.5
-    g = AffineGenerator(*start)
+def gaussian_networks(g, m=0.3, s=0.5):
+    """netG = the affine generator `g`; µreal = the exact denoiser of the data N(m, s²); µfake = the exact denoiser of
+    g's current N(µ, σ²)."""
     mu_real = Denoiser(GaussianDenoiser(lambda: (m, s)), schedule("epsilon"))
     mu_fake = Denoiser(GaussianDenoiser(lambda: (g.mu.item(), abs(g.sigma.item()))), schedule("epsilon"))
-    nets = dmd.Networks(Denoiser(g, schedule("sample")), mu_real, mu_fake, regression=None)
-    cfg = step_config(reg_weight=0, guidance=1.0, batch_size=64, grad_clip=1e9)
+    return dmd.Networks(Denoiser(g, schedule("sample")), mu_real, mu_fake, regression=None)
+
+
+@pytest.mark.parametrize("generator_loss", ["dmd", "sid"])
+@pytest.mark.parametrize("start", [(1.5, 1.5), (-1.0, 0.1)], ids=["from_above", "from_below"])
+def test_dm_gradient_moves_the_generator_to_the_real_distribution(start, generator_loss):
+    """dmd.generator_update with the DM loss alone (DMD's, or SiD's), exact Gaussian denoisers as µreal (the data,
+    N(0.3, 0.5²)) and µfake (the generator's current N(µ, σ²)), drives G(z) = µ + σz to the data's mean and std from
+    above and from below. With µreal and µfake swapped anywhere on the way (dmd.py's call, losses.dm_loss or
+    losses.sid_loss) it runs away instead."""
+    m, s = 0.3, 0.5
+    g = AffineGenerator(*start)
+    nets = gaussian_networks(g, m, s)
+    cfg = step_config(reg_weight=0, guidance=1.0, batch_size=64, grad_clip=1e9, generator_loss=generator_loss)
     opt, gen, accelerator = torch.optim.Adam(g.parameters(), 0.02), torch.Generator().manual_seed(0), Accelerator(cpu=True)
     for step in range(200):
         dmd.generator_update(nets, opt, dmd.draw_batch(gen, step, cfg, SHAPE, 0, T), cfg, accelerator)
     assert abs(g.mu.item() - m) < 0.03 and abs(abs(g.sigma.item()) - s) < 0.03, (g.mu.item(), g.sigma.item())
+
+
+def gradient_on_images(nets, b, cfg):
+    """The gradient that dmd.generator_update's loss sends to G's images x, caught on dmd.generator's output (netG
+    takes an SGD step of lr 0: nothing moves)."""
+    grads, make = [], dmd.generator
+
+    def generator(*args):
+        x = make(*args)
+        x.register_hook(grads.append)
+        return x
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dmd, "generator", generator)
+        dmd.generator_update(nets, torch.optim.SGD(nets.net_g.parameters(), 0.0), b, cfg, Accelerator(cpu=True))
+    return grads[0]
+
+
+def tiny_networks():
+    """A tiny class-conditional ContextUnet teacher (v-prediction) -> netG, µreal, µfake, and one batch of 4 drawn
+    for them, µreal guided at s = 2. Random weights moved as training would: the teacher's, so that its label (and
+    so guidance) matters, and µfake's off µreal's, so that the score difference stands well above float32's rounding."""
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=TINY_N_FEAT)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    nets = dmd.Networks(*make_dmd_networks(backbone.eval(), scheduler), regression=None)
+    with torch.no_grad():
+        for p in nets.mu_fake.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cfg = step_config(reg_weight=0, guidance=2.0, batch_size=4)
+    return nets, cfg, dmd.draw_batch(torch.Generator().manual_seed(0), 0, cfg, (1, 28, 28), 10, nets.net_g.T)
+
+
+def test_sid_gradient_with_detached_scores_is_dmds():
+    """With µreal's and µfake's outputs detached (no gradient through their inputs), SiD's gradient on G's images is
+    DMD's, (p_fake - p_real) / (w numel), on the same draws, µreal guided alike: the same direction at the same scale,
+    whatever α. With f_φ and f_ψ swapped in losses.sid_loss or dmd.py, SiD's sign flipped, or µreal left unguided,
+    it is another."""
+    nets, cfg, b = tiny_networks()
+    for den in (nets.mu_real, nets.mu_fake):  # x̂0 detached: SiD's gradient without the networks' Jacobians
+        den.x0 = lambda *args, x0=den.x0, **kw: x0(*args, **kw).detach()
+    dm = gradient_on_images(nets, b, cfg)
+    for alpha in (1.2, 0.0):
+        sid = gradient_on_images(nets, b, dataclasses.replace(cfg, generator_loss="sid", sid_alpha=alpha))
+        torch.testing.assert_close(sid, dm, rtol=1e-4, atol=1e-4 * dm.abs().max().item())
+
+
+def test_sid_gradient_flows_through_the_scores_inputs_as_the_formula_says():
+    """With exact Gaussian denoisers, x̂0 is affine in x_t per pixel, f(x_t) = m + k (x_t - √ᾱ m) with
+    k = √ᾱ s² / (ᾱ s² + 1 - ᾱ), so the whole gradient of SiD's loss on x_g, through x_t = √ᾱ x_g + √(1-ᾱ) ε into both
+    networks too, is known in closed form (d = f_φ - f_ψ):
+        ∂L/∂x_g = [-d + √ᾱ ((k_φ - k_ψ) (f_φ - x_g - 2α d) + k_φ d)] / (w numel).
+    The first term alone is DMD's; with α's sign flipped, or x_t detached (no gradient through the networks), the
+    gradient dmd.generator_update sends to G's images is another."""
+    (m, s), (mu, sigma), alpha = (0.3, 0.5), (1.5, 1.5), 1.2
+    nets = gaussian_networks(AffineGenerator(mu, sigma), m, s)
+    cfg = step_config(reg_weight=0, guidance=1.0, batch_size=16, generator_loss="sid", sid_alpha=alpha)
+    b = dmd.draw_batch(torch.Generator().manual_seed(0), 0, cfg, SHAPE, 0, T)
+    got = gradient_on_images(nets, b, cfg).double()
+    a = schedule("epsilon").alphas_cumprod.double()[b.t_dm].view(-1, 1, 1, 1)
+    x_g = mu + sigma * b.z.double()
+    x_t = a.sqrt() * x_g + (1 - a).sqrt() * b.eps_dm.double()
+    k_phi, k_psi = (a.sqrt() * v ** 2 / (a * v ** 2 + 1 - a) for v in (s, sigma))
+    f_phi, f_psi = m + k_phi * (x_t - a.sqrt() * m), mu + k_psi * (x_t - a.sqrt() * mu)
+    d, w = f_phi - f_psi, (x_g - f_phi).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (-d + a.sqrt() * ((k_phi - k_psi) * (f_phi - x_g - 2 * alpha * d) + k_phi * d)) / (w * x_g.numel())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-9)
+    through_networks = expected + d / (w * x_g.numel())
+    assert through_networks.norm() > 0.3 * expected.norm()  # the networks' part is no rounding error
+
+
+def test_sid_gradient_reaches_g_through_frozen_networks():
+    """On real (tiny, class-conditional, guided) networks, SiD's gradient on G's images differs from DMD's - which is
+    SiD's with the scores detached (above) - by the part that flows back through µreal's and µfake's inputs, and
+    leaves no gradient on either network's weights (their requires_grad flags come back as they were)."""
+    nets, cfg, b = tiny_networks()
+    dm = gradient_on_images(nets, b, cfg)
+    sid = gradient_on_images(nets, b, dataclasses.replace(cfg, generator_loss="sid"))
+    assert (sid - dm).norm() > 0.1 * dm.norm(), ((sid - dm).norm(), dm.norm())
+    assert all(p.grad is None for net in (nets.mu_real, nets.mu_fake) for p in net.parameters())
+    assert not any(p.requires_grad for p in nets.mu_real.parameters())
+    assert all(p.requires_grad for p in nets.mu_fake.parameters())
 
 
 GAN_SHAPE = (1, 16, 16)

@@ -1,13 +1,17 @@
 """The DMD step of dmd.py, in-process on tiny networks."""
 import dataclasses
 import math
+import sys
+from unittest import mock
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_N_FEAT
+from conftest import TINY_N_FEAT, run
 
+import distill
 import dmd
+from cli import UserError
 from losses import pseudo_huber
 from models import Denoiser, make_dmd_networks, make_teacher
 from sampling import generator_timesteps, one_step, sample_generator, seeded_noise
@@ -209,3 +213,35 @@ def test_reverse_kl_is_dmd_bit_for_bit_and_js_weighs(monkeypatch):
     assert "h_mean" not in rkl_stats[0] and any(not torch.equal(rkl[k], js[k]) for k in rkl)
     s = js_stats[0]
     assert 0.1 <= s["r_min"] <= s["r_mean"] <= s["r_max"] <= 20 and s["h_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("K", [1, 4])
+def test_sida_step_trains_netg_and_mu_fake_and_leaves_mu_real(K):
+    """--generator-loss sid with the GAN head (SiDA), one-step and K-step (backward simulation): a whole dmd_step runs,
+    netG and µfake move, µreal does not, and the generator's loss is SiDA's mix, 0.5 L_SiD + 0.5 λ_GAN L_GAN."""
+    nets, args, b = dmd2_setup(K=K, backward_simulation=K > 1)
+    args = dataclasses.replace(args, generator_loss="sid", sid_alpha=1.0)
+    opt_g, opt_fake = torch.optim.AdamW(nets.net_g.parameters(), 1e-3), torch.optim.AdamW(nets.mu_fake.parameters(), 1e-3)
+    real, g, fake = weights(nets.mu_real), weights(nets.net_g), weights(nets.mu_fake)
+    g_stats, f_stats = dmd.dmd_step(0, nets, opt_g, opt_fake, b, args, Accelerator(cpu=True))
+    assert changed(g, nets.net_g) and changed(fake, nets.mu_fake) and not changed(real, nets.mu_real)
+    assert set(g_stats) == {"loss_sid", "loss_reg", "loss_g", "loss_gan", "w", "grad_g"}
+    assert all(math.isfinite(v) for v in {**g_stats, **f_stats}.values())
+    mix = 0.5 * g_stats["loss_sid"] + 0.5 * args.gan_weight * g_stats["loss_gan"]
+    assert g_stats["loss_g"] == pytest.approx(mix, rel=1e-5)
+
+
+def test_sid_refuses_f_divergences_and_a_resume_of_another_loss(tmp_path):
+    """f-distill weighs DMD's gradient, which SiD replaces: distill.py refuses the pair in one line, before any work.
+    --resume of a run made with another --generator-loss (or before the flag existed: DMD) is refused too."""
+    r = run("distill.py", "--run-dir", tmp_path, "--generator-loss", "sid", "--gan-weight", 3e-2, "--divergence", "js",
+            check=False, limit=60)
+    last_line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last_line.startswith("error: --divergence js weighs DMD's gradient")
+    assert "Traceback" not in r.stderr and not (tmp_path / "dmd").exists()
+    with mock.patch.object(sys, "argv", ["distill.py", "--run-dir", str(tmp_path), "--generator-loss", "sid"]):
+        args = distill.parse_args()
+    distill.check_same_method(args, {"generator_loss": "sid"}, "dmd")
+    for saved in ({"generator_loss": "dmd"}, {}):
+        with pytest.raises(UserError, match="cannot --resume dmd with --generator-loss = sid: it was made with dmd"):
+            distill.check_same_method(args, saved, "dmd")
