@@ -7,22 +7,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= mnist
 RUN ?= runs/$(DATASET)
-GUIDANCE ?= 3
 export PYTHONUNBUFFERED := 1
 
-# CPU-demo sizes (docs/RESULTS.md says how each was chosen; the scripts' own defaults are the seed's GPU sizes).
-# DMD2: no pairs, 5 µfake updates per generator update, a GAN head on µfake that sees the real digits.
+# CPU-demo sizes (docs/RESULTS.md says how each was chosen; the scripts' own defaults are the seed's GPU sizes). The
+# same flags for every dataset: what must differ (the pairs' sampler and µreal's guidance) is read off the teacher's
+# own evaluation, its best row over DDIM steps x guidance ("best"), not set per dataset.
 TEACHER_FLAGS ?= --n-feat 32 --prediction-type v_prediction --batch-size 64 --lr 1e-3 --lr-schedule cosine \
-                 --max-steps 800 --ema 0.995 --guidance $(GUIDANCE)
-# A fixed number of steps (never a wall-clock budget), so any machine reproduces the table; the lr decays to 0 at the
-# last step (cosine, the default) and the final netG is the student shipped: over 3 seeds it matches the EMA's FID
-# (71.0 vs 71.3) with more recall (0.69 vs 0.63), so the 1-step demo has no EMA (K = 4 needs one: docs/RESULTS.md).
-# The GAN head reads ContextUnet's down path (--gan-head-input down): on this demo it beat the t- and y-aware
-# bottleneck, FID 67.5 vs 90.1. The DM gradient is DMD's reverse KL: f-distill's js / forward-kl did no better here.
-DISTILL_FLAGS ?= --reg-weight 0 --gen-every 5 --lr 1e-4 --gan-weight 3e-2 --gan-disc-weight 1e-1 --guidance $(GUIDANCE) \
-                 --batch-size 32 --steps 1000 --warmup-steps 50 --gan-head-input down --log-every 50 \
-                 --probe-every 100 --sample-every 250 --ckpt-every 250
-EVAL_FLAGS ?= --num-samples 1000 --guidance $(GUIDANCE)
+                 --max-steps 800 --ema 0.995 --guidance 3
+# The yardstick: the teacher at each guidance x DDIM step count (the students' gaps are read against its best row).
+EVAL_FLAGS ?= --num-samples 1000 --teacher-guidance 1.5,2,3,4
+# The teacher at its best row, as noise -> image pairs for the warm start.
+PAIRS_FLAGS ?= --num-pairs 3200 --best-row --batch-size 128
+# The warm start: netG learns the pairs by regression alone (knowledge distillation), so it starts DMD2 with
+# different images for different z; started from the teacher instead, the one-step student collapsed to one image
+# per class on Fashion-MNIST (recall 0.06; docs/RESULTS.md). pseudo-Huber: what LPIPS falls back to offline anyway.
+KD_FLAGS ?= --out kd --reg-weight 1 --reg-loss pseudo_huber --dm-weight 0 --gan-weight 0 --lr 1e-3 --batch-size 32 \
+            --steps 1000 --warmup-steps 50 --log-every 50 --probe-every 250 --sample-every 250 --ckpt-every 250
+# DMD2 from the warm start: no pairs, 5 µfake updates per generator update, a GAN head on µfake's down path that sees
+# the real images, µreal at the guidance of the teacher's best row. A fixed number of steps (never a wall-clock
+# budget), the lr decayed to 0 at the last step; the final netG is the student shipped.
+DISTILL_FLAGS ?= --generator-init $(RUN)/kd/student --guidance best --reg-weight 0 --gen-every 5 --lr 1e-4 \
+                 --gan-weight 3e-2 --gan-disc-weight 1e-1 --batch-size 32 --steps 1000 --warmup-steps 50 \
+                 --gan-head-input down --log-every 50 --probe-every 100 --sample-every 250 --ckpt-every 250
 
 .PHONY: install demo test benchmark clean-demo
 install: $(VENV)/.installed
@@ -41,13 +47,20 @@ $(RUN)/teacher/train_config.json: | $(VENV)/.installed
 $(RUN)/classifier/config.json: $(RUN)/teacher/train_config.json
 	$(PY) evaluate.py --dataset $(DATASET) --prepare --run-dir $(RUN)
 
-# The yardstick first: the teacher over steps x guidance, so that distill.py's probe reads its gap against the teacher's
-# best row; the final evaluation reuses these rows (same teacher, classifier and seeds) and scores the students.
+# The yardstick first: the pairs and µreal's guidance are its best row, distill.py's probe reads its gap against it,
+# and the final evaluation reuses these rows (same teacher, classifier and seeds) and scores the students.
 $(RUN)/eval/teacher_rows.done: $(RUN)/classifier/config.json
 	$(PY) evaluate.py --dataset $(DATASET) --fid --run-dir $(RUN) $(EVAL_FLAGS) --rows real,teacher,onestep
 	touch $@
 
-$(RUN)/dmd/summary.json: $(RUN)/eval/teacher_rows.done
+$(RUN)/pairs/done: $(RUN)/eval/teacher_rows.done
+	$(PY) precompute.py --dataset $(DATASET) --run-dir $(RUN) $(PAIRS_FLAGS) --overwrite
+	touch $@
+
+$(RUN)/kd/summary.json: $(RUN)/pairs/done
+	$(PY) distill.py --dataset $(DATASET) --run-dir $(RUN) $(KD_FLAGS) $$(test -f $(RUN)/kd/train_state.pt && echo --resume || echo --overwrite)
+
+$(RUN)/dmd/summary.json: $(RUN)/kd/summary.json
 	$(PY) distill.py --dataset $(DATASET) --run-dir $(RUN) $(DISTILL_FLAGS) $$(test -f $(RUN)/dmd/train_state.pt && echo --resume || echo --overwrite)
 
 $(RUN)/eval/report.md: $(RUN)/dmd/summary.json

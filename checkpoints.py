@@ -39,14 +39,14 @@ def save_student(backbone, scheduler, folder, timesteps):
 def save_pipeline(backbone, scheduler, folder, timesteps, config):
     """The student as a diffusers pipeline that `DiffusionPipeline.from_pretrained(folder)` loads with diffusers and
     torch alone, from any folder: ConsistencyModelPipeline, a few-step generator pipeline that passes class labels to
-    its UNet, with a scheduler that runs the student at its timesteps. One step at t: DDIM with "leading" spacing and
-    steps_offset t (its one step is at 0 + t and, with no timestep before it, returns x̂0). K steps: LCM, whose multistep sampling re-noises x̂0 with fresh noise exactly as
+    its UNet, with a scheduler that runs the student at its timesteps. One step: DDIM with trailing spacing (its one
+    step is t = T-1 and returns x̂0). K steps: LCM, whose multistep sampling re-noises x̂0 with fresh noise exactly as
     sampling.sample_generator does (its timesteps are generator_timesteps'; intermediate x̂0 are not clipped, as here).
     A ContextUnet is no diffusers class: its code travels in unet/ (diffusers' way for a custom component), and
     loading runs it only with trust_remote_code=True. `config` (distill.py's) goes into the model card."""
     from diffusers import ConsistencyModelPipeline, DDIMScheduler, LCMScheduler
     if len(timesteps) == 1:
-        sched = DDIMScheduler.from_config(scheduler.config, timestep_spacing="leading", steps_offset=int(timesteps[0]))
+        sched = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
     else:
         sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=len(timesteps), clip_sample=False)
     save_folder(folder, ConsistencyModelPipeline(unet=real_classes_only(backbone), scheduler=sched))
@@ -98,7 +98,7 @@ def model_card(config, report=None, custom_code=False):
                                "class-conditional" if classes else "unconditional-image-generation"])
     flags = " ".join(f"--{k.replace('_', '-')} {config[k]}" for k in (
         "lr", "batch_size", "gen_every", "guidance", "reg_weight", "gan_weight", "gan_disc_weight", "gan_t_max",
-        "generator_steps", "generator_t") if k in config)
+        "generator_steps") if k in config)
     n = min(classes, 8) or 8
     labels = f"class_labels=list(range({n})), " if classes else ""
     load = ('"PATH/TO/THIS/FOLDER", trust_remote_code=True)  # runs unet/' + UNET_CODE + ", the UNet's code"

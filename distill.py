@@ -27,8 +27,9 @@ from data import load_pairs, load_splits, save_grid
 from files import (CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
-from metrics import make_probe
-from checkpoints import default_teacher, open_teacher, save_pipeline, save_student, weights_hash
+from metrics import best_teacher_row, make_probe
+from checkpoints import (default_teacher, load_teacher, open_teacher, save_pipeline, save_student, student_timesteps,
+                         weights_hash)
 from models import Denoiser, make_dmd_networks
 from recipes import PRESETS, grid_columns
 from sampling import (GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, sample_teacher,
@@ -40,6 +41,9 @@ def parse_args():
     p = script_parser(__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
     p.add_argument("--pairs", default=None, help="precomputed pairs folder; default <run-dir>/pairs")
+    p.add_argument("--generator-init", default=None,
+                   help="a student folder (dmd/student of an earlier run on this teacher) netG starts from instead of "
+                        "the teacher, e.g. one trained by regression alone (docs/RESULTS.md); µfake still starts as the teacher")
     p.add_argument("--lr", type=number(float, 0), default=None, help="netG learning rate (seed: 5e-6 MNIST/CelebA, 1e-6 CIFAR-10)")
     p.add_argument("--lr-fake", type=number(float, 0), default=None,
                    help="µfake (and GAN head) learning rate; default --lr (K = 4 on the CPU demo wants 20x: 1e-4 at "
@@ -63,7 +67,10 @@ def parse_args():
                         "<run-dir>/classifier (made by `evaluate.py --prepare`); the best is kept as student_best; 0 = off")
     p.add_argument("--probe-samples", type=number(int, 0), default=500, help="samples per quality probe")
     p.add_argument("--data-dir", default=None, help="dataset folder: the probe's reference images, the GAN's real images")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/dmd/train_state.pt")
+    p.add_argument("--out", default=DMD,
+                   help="this run's folder inside --run-dir (the recipe's regression warm start writes kd/, the DMD2 "
+                        "run that starts from it, --generator-init <run-dir>/kd/student, writes dmd/)")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/<out>/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/dmd")
     dmd.add_arguments(p)
     args = parse(p)
@@ -76,6 +83,13 @@ def parse_args():
         raise UserError(f"--pairs {args.pairs} is read only by the regression loss, which --reg-weight 0 (DMD2) turns off: "
                         f"drop --pairs, or give --reg-weight > 0 (DMD: 0.25)")
     args.pairs = (args.pairs or os.path.join(args.run_dir, PAIRS)) if args.reg_weight > 0 else None  # DMD2: no pairs
+    if args.guidance == "best":  # the teacher at its best, as evaluate.py measured it
+        best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), weights_hash(args.teacher))
+        if best is None:
+            raise UserError(f"--guidance best needs this teacher's evaluation in {args.run_dir}/{EVAL}/report.json: run "
+                            f"`python evaluate.py --fid --rows real,teacher` first, or give a number")
+        args.guidance = best["guidance"]
+        print(f"distill: µreal's guidance {args.guidance:g}, that of the teacher's best row {best['model']}")
     if args.guidance is None and args.pairs and os.path.isfile(os.path.join(args.pairs, "meta.json")):
         args.guidance = load_json(os.path.join(args.pairs, "meta.json"))["guidance"]  # µreal must match the pairs'
     if args.guidance not in (None, 1.0) and recipe["num_classes"] == 0:
@@ -84,11 +98,6 @@ def parse_args():
         raise UserError(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
     if args.gan_t_max > 1:
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
-    if args.generator_t > 1:
-        raise UserError(f"--generator-t {args.generator_t}: the generator's timestep is a fraction of T, at most 1")
-    if args.generator_t < 1 and args.generator_steps > 1:
-        raise UserError(f"--generator-t {args.generator_t} is for one-step generators (a K-step one starts at T-1, where "
-                        f"its pipeline's LCM scheduler starts): drop --generator-t or --generator-steps")
     if args.backward_simulation and args.generator_steps == 1:
         raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
     if args.divergence != "reverse-kl" and args.generator_loss == "sid":
@@ -104,7 +113,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    out = os.path.join(args.run_dir, DMD)
+    out = os.path.join(args.run_dir, args.out)
     check_run_folder(out, args.resume, args.overwrite, "a distillation run")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),  # cpu: real DDP under torchrun
                               log_with=args.report_to, project_dir=out if args.report_to else None)
@@ -119,11 +128,13 @@ def main():
     net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, teacher.scheduler,
                                                                     cfg.gan_weight > 0, args.seed, args.gan_head_input))
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
+    if args.generator_init and not args.resume:
+        init_generator(net_g, args.generator_init, generator_timesteps(T, cfg.generator_steps))
     meta, pairs = read_pairs(args) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
     check_method_inputs(args, T, real)
-    timesteps = generator_timesteps(T, cfg.generator_steps, cfg.generator_t)
+    timesteps = generator_timesteps(T, cfg.generator_steps)
     # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c) if args.reg_weight > 0 else (None, "none")
     opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
@@ -170,7 +181,8 @@ def main():
     t0 = t_log = time.time()
     step_log = st.step  # the step of the last stats row (ms_per_step averages since then)
     last_g = {}  # the latest generator-update numbers, logged at every interval (with --gen-every > 1 too)
-    g_updates = -(-st.step // cfg.gen_every)  # generator updates so far (steps 0, k, 2k, ... update netG)
+    every = 1 if dmd.regression_only(cfg) else cfg.gen_every  # netG's updates: steps 0, k, 2k, ...
+    g_updates = -(-st.step // every)  # generator updates so far
     bar = progress(total=args.steps, initial=st.step, desc="dmd", disable=not main_process)
     while st.step < args.steps:
         # one DMD step (dmd.py)
@@ -340,7 +352,6 @@ def check_same_method(args, saved, out):
     for flag, now, then in (("--gan-weight > 0", args.gan_weight > 0, saved.get("gan_weight", 0) > 0),
                             ("--generator-loss", args.generator_loss, saved.get("generator_loss", "dmd")),
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
-                            ("--generator-t", args.generator_t, saved.get("generator_t", 1.0)),
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0)):
         if now != then:
@@ -355,7 +366,7 @@ def read_pairs(args):
     if meta["teacher_hash"] != teacher_hash:
         raise UserError(f"pairs in {args.pairs} were made by another teacher ({meta['teacher']}, hash {meta['teacher_hash']}; "
                         f"this one is {teacher_hash}): rerun `python precompute.py --overwrite` with this teacher")
-    if meta["guidance"] != args.guidance:
+    if meta["guidance"] != args.guidance and args.dm_weight > 0:  # regression alone reads no µreal
         raise UserError(f"pairs in {args.pairs} were made with guidance {meta['guidance']}, µreal would use {args.guidance}: "
                         f"pass --guidance {meta['guidance']} or remake the pairs")
     if len(z_pairs) < args.batch_size:
@@ -363,16 +374,17 @@ def read_pairs(args):
     return meta, (z_pairs, x_pairs, y_pairs)
 
 
-def best_teacher_row(report_path, teacher_hash):
-    """The teacher's best DDIM row over steps x guidance in an evaluate.py report of this very teacher (by its weights'
-    hash), or None: no report yet (`evaluate.py --fid --rows real,teacher` makes one), or one of another teacher."""
-    if not os.path.isfile(report_path):
-        return None
-    report = load_json(report_path)
-    rows = [r for r in report["rows"] if r["model"].startswith("teacher-") and r.get("steps")]
-    if report.get("setup", {}).get("teacher_hash") != teacher_hash or not rows:
-        return None
-    return min(rows, key=lambda r: r["fid"])
+def init_generator(net_g, folder, timesteps):
+    """netG's weights from a student of this teacher's architecture, trained at the same generator timesteps."""
+    backbone, _ = load_teacher(folder)
+    if student_timesteps(folder, net_g.T) != list(timesteps):
+        raise UserError(f"--generator-init {folder} was trained at timesteps {student_timesteps(folder, net_g.T)}, this "
+                        f"run's generator runs at {list(timesteps)}: give the same --generator-steps")
+    try:
+        net_g.backbone.load_state_dict(backbone.state_dict())
+    except RuntimeError as e:
+        raise UserError(f"--generator-init {folder} is not a student of this teacher's architecture "
+                        f"({str(e).splitlines()[0][:100]}): pass a dmd/student folder distilled from this teacher")
 
 
 def checksum(module):

@@ -44,7 +44,6 @@ class StepConfig:
     gan_disc_weight: float = 1e-2
     gan_t_max: float = 1.0
     generator_steps: int = 1
-    generator_t: float = 1.0
     backward_simulation: bool = False
     grad_clip: float = 1.0
     divergence: str = "reverse-kl"
@@ -65,7 +64,10 @@ def add_arguments(p):
     Defaults are StepConfig's."""
     C = StepConfig
     p.add_argument("--gen-every", type=number(int, 0), default=C.gen_every, help="netG update every N steps (1 = DMD, 5 = DMD2's two time-scale rule)")
-    p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="µreal's guidance scale; default the pairs' (they must match), else recipes.default_guidance")
+    p.add_argument("--guidance", type=lambda s: s if s == "best" else number(float, 0, inclusive=True)(s), default=None,
+                   help="µreal's guidance scale, or `best`: the guidance of the teacher's best row over steps x guidance "
+                        "in <run-dir>/eval/report.json (evaluate.py's); default the pairs' (they must match), else "
+                        "recipes.default_guidance")
     p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=C.dm_weight, help="weight of the DM loss, or of SiD's with --generator-loss sid (0 = regression only, for ablations)")
     p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=C.reg_weight, help="λ_reg on the regression loss (seed's α: 0.25); 0 = DMD2: no pairs needed")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "pseudo_huber", "l2"], help="regression distance (LPIPS at 224 as DMD)")
@@ -82,10 +84,6 @@ def add_arguments(p):
                         "layout; measured no better)")
     p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=C.gan_t_max, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
     p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
-    p.add_argument("--generator-t", type=number(float, 0), default=C.generator_t,
-                   help="the one-step generator reads z at timestep round(this x T) - 1: 1 = T-1 (DMD); lower, the "
-                        "teacher's x̂0 depends more on z, so netG starts with diverse samples instead of one blur per "
-                        "class (DMD2's one-step SDXL: 0.4; SiD's σ_init 2.5 = 0.7 of MNIST's schedule)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
     p.add_argument("--grad-clip", type=number(float, 0), default=C.grad_clip, help="max gradient norm, both networks")
     p.add_argument("--divergence", default=C.divergence, choices=list(F_DIVERGENCES),
@@ -196,7 +194,7 @@ def generator_inputs(nets, b, cfg):
     """(x_{t_k}, t_k) for each sample's generator step k: pure noise z at k = 0; at k > 0, with backward simulation
     the current G run from z through steps 0..k-1, each x̂0 re-noised to the next timestep with fresh noise (as
     sampling does, so training inputs match inference); without it, a real image noised to t_k."""
-    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps, cfg.generator_t), device=b.z.device)
+    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z.device)
     if cfg.generator_steps == 1:
         return b.z, ts[0].expand(len(b.z))
     t = ts[b.k]
@@ -325,9 +323,33 @@ def fake_score_update(nets, opt_fake, x, b, cfg, accelerator):
     return stats
 
 
+def regression_only(cfg):
+    """No DM and no GAN term: netG learns from the pairs alone (knowledge distillation of the teacher's sampler,
+    Luhman & Luhman 2021), and nothing reads µfake."""
+    return cfg.dm_weight == 0 and cfg.gan_weight == 0
+
+
+def regression_update(nets, opt_g, b, cfg, accelerator):
+    """One netG update on the regression loss alone: G(z_ref, y_ref) toward the teacher's x_ref, every step (no µfake
+    to keep up with). Cheaper than generator_update: neither the fresh batch nor µreal / µfake run."""
+    t = torch.full((len(b.z_ref),), nets.net_g.T - 1, device=b.z_ref.device)
+    with record_function("netG forward"), accelerator.autocast():
+        loss_reg = cfg.reg_weight * nets.regression(generator(nets, b.z_ref, t, b.y_ref).float(), b.x_ref.float())
+    check_finite(loss_reg=loss_reg)
+    with record_function("netG backward + AdamW"):
+        accelerator.backward(loss_reg)
+        grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), cfg.grad_clip)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+    return dict(loss_reg=loss_reg.item() / cfg.reg_weight, grad_g=grad.item())
+
+
 def dmd_step(step, nets, opt_g, opt_fake, b, cfg, accelerator):
     """One step of the algorithm box. netG is updated on steps 0, k, 2k, ... (k = --gen-every); otherwise G's images
-    for µfake are made without grad. Returns (generator numbers or {}, µfake numbers)."""
+    for µfake are made without grad. Returns (generator numbers or {}, µfake numbers). Regression alone
+    (regression_only): netG every step, µfake never."""
+    if regression_only(cfg):
+        return regression_update(nets, opt_g, b, cfg, accelerator), {}
     if step % cfg.gen_every == 0:
         x, g_stats = generator_update(nets, opt_g, b, cfg, accelerator)
     else:

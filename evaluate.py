@@ -48,16 +48,13 @@ def main():
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="generation batch; latency is measured per image at this batch")
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default as precompute.py")
     p.add_argument("--ddim-steps", type=number_list(int), default=[2, 4, 8],
-                   help="teacher DDIM step counts at the distillation's guidance (the FID-vs-NFE curve; the pairs' "
-                        "steps, else 25, are always added; 1 step is the onestep-before-guided row)")
+                   help="teacher DDIM step counts at each guidance (the FID-vs-NFE curves; the pairs' steps are added "
+                        "at theirs; 1 step is the onestep-before-guided row)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None,
                    help="the guidance the student was distilled at (its own): default the pairs', else dmd/config.json's")
     p.add_argument("--teacher-guidance", type=number_list(float), default=None,
                    help="guidance scales the teacher is also scored at, so a student is read against the teacher at its "
                         "best; default: --guidance and two around it, 1 + (s-1)/2 and s + (s-1)/2 (3 -> 2,3,4)")
-    p.add_argument("--grid-ddim-steps", type=number_list(int), default=[4, 8],
-                   help="teacher DDIM step counts at the other --teacher-guidance scales (fewer than --ddim-steps: "
-                        "they find the best row; the full curve is drawn at the distillation's guidance)")
     p.add_argument("--full-ddpm", action="store_true", help="also evaluate ancestral DDPM over all T steps (slow)")
     p.add_argument("--rows", type=lambda s: tuple(s.split(",")), default=None,
                    help="only the rows whose names start with one of these, e.g. real,student (default: all)")
@@ -126,7 +123,8 @@ def main():
                 return torch.stack([real_train[int(real_draw[i])][0] for i in indices]), None, []
             return generate(den, functools.partial(spec.sampler, den), indices, seeds[0], args.batch_size, args.device,
                             desc=spec.name, draws=spec.draws)
-        if spec.name in reused:  # measured by the previous report on the same setup: only its grid row is redrawn
+        if spec.name in reused and reused[spec.name].get("guidance") == spec.guidance:  # the previous report's, on the
+            # same setup and guidance: only its grid row is redrawn
             rows.append(reused[spec.name])
             grid.append(images_of(range(grid_columns(num_classes)))[0])
             continue
@@ -153,7 +151,7 @@ def main():
     report = dict(dataset=args.dataset, feature_extractor=label, num_samples=N, repeats=R, reference=reference,
                   device=describe_device(args.device), guidance=s, teacher_guidance=guidances, seeds=dict(evaluation=seeds, pairs=pair_seeds(pairs)),
                   classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows,
-                  setup=setup, reused_rows=[name for name in reused if any(r["model"] == name for r in rows)])
+                  setup=setup, reused_rows=[r["model"] for r in rows if r is reused.get(r["model"])])
     add_gap_closed(report)
     md = markdown(report)
     write_report(out, report, md, grid)
@@ -248,14 +246,13 @@ def generator_sampler(den, noise, y, generator, timesteps):
 
 
 def all_rows(args, teacher, pairs, s, guidances, teacher_den):
-    """Every row this run can have: the teacher at each of `guidances` (at s, the distillation's, every step count
-    of --ddim-steps and the pairs'; at the others, --grid-ddim-steps). A student runs at the timesteps saved with it
-    (its K steps: NFE = K)."""
+    """Every row this run can have: the teacher at each of `guidances` and each step count of --ddim-steps (and the
+    pairs' steps at the pairs' guidance). A student runs at the timesteps saved with it (its K steps: NFE = K)."""
     guidable, T = teacher_den.null_label is not None, teacher_den.T
     rows = [Row("real", None, None, None)]
     for g in guidances:
         per_step = 2 if g != 1.0 and guidable else 1  # a guided step evaluates the network twice
-        steps = args.ddim_steps + [pairs.get("sampling_steps", 25)] if g == s else args.grid_ddim_steps
+        steps = args.ddim_steps + ([pairs["sampling_steps"]] if pairs and g == pairs["guidance"] else [])
         rows += [Row(teacher_row_name(n, g, guidable), teacher, functools.partial(ddim_sampler, steps=n, s=g),
                      n * per_step, guidance=g, steps=n) for n in sorted(set(steps))]
     if args.full_ddpm:
@@ -264,7 +261,7 @@ def all_rows(args, teacher, pairs, s, guidances, teacher_den):
     guided = s != 1.0 and guidable
     rows.append(Row("onestep-before", teacher, one_step_sampler, 1))
     if guided:
-        rows.append(Row("onestep-before-guided", teacher, functools.partial(one_step_sampler, s=s), 2))
+        rows.append(Row("onestep-before-guided", teacher, functools.partial(one_step_sampler, s=s), 2, guidance=s))
     for name in (STUDENT, STUDENT_EMA, STUDENT_BEST):
         folder = os.path.join(args.run_dir, DMD, name)
         if os.path.isdir(folder):

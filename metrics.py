@@ -23,7 +23,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from cli import UserError, progress
 from data import to_uint8, to_unit
-from files import save_folder
+from files import load_json, save_folder
 from sampling import balanced_labels, sample_generator, seeded_noise
 
 CLASSIFIER_FEATURES = "dmd-classifier"
@@ -198,6 +198,18 @@ def high_frequency_share(images, cutoff=0.25):
     fy, fx = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64), torch.fft.fftfreq(x.shape[-1], dtype=torch.float64)
     radius = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt()
     return (power[radius > cutoff].sum() / power.sum()).item()
+
+
+def best_teacher_row(report_path, teacher_hash):
+    """The teacher's best DDIM row over steps x guidance in an evaluate.py report of this very teacher (by its weights'
+    hash), or None: no report yet (`evaluate.py --fid --rows real,teacher` makes one), or one of another teacher."""
+    if not os.path.isfile(report_path):
+        return None
+    report = load_json(report_path)
+    rows = [r for r in report["rows"] if r["model"].startswith("teacher-") and r.get("steps")]
+    if report.get("setup", {}).get("teacher_hash") != teacher_hash or not rows:
+        return None
+    return min(rows, key=lambda r: r["fid"])
 
 
 def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device):

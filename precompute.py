@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
-from files import PAIRS, atomic, load_json, write_json
+from files import EVAL, PAIRS, atomic, load_json, write_json
 from checkpoints import default_teacher, open_teacher, weights_hash
+from metrics import best_teacher_row
 from recipes import PRESETS, grid_columns
 from sampling import balanced_labels, sample_teacher, seeded_noise
 
@@ -32,6 +33,9 @@ def main():
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps (eta 0)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None,
                    help="classifier-free guidance scale s (1 = none); default recipes.default_guidance")
+    p.add_argument("--best-row", action="store_true",
+                   help="the DDIM steps and guidance of the teacher's best row over steps x guidance, as `evaluate.py "
+                        "--fid` measured this teacher in <run-dir>/eval/report.json: the pairs are the teacher at its best")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
     p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
@@ -43,6 +47,14 @@ def main():
     if args.guidance not in (None, 1.0) and recipe["num_classes"] == 0:
         raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     out = os.path.join(args.run_dir, PAIRS)
+    if args.best_row:
+        best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), weights_hash(source))
+        if best is None:
+            raise UserError(f"--best-row needs this teacher's evaluation in {args.run_dir}/{EVAL}/report.json: run "
+                            f"`python evaluate.py --fid --rows real,teacher` first, or give --sampling-steps and --guidance")
+        args.sampling_steps, args.guidance = best["steps"], best["guidance"]
+        print(f"pairs: the teacher's best row {best['model']} (FID {best['fid']:.2f}): DDIM-{args.sampling_steps}, "
+              f"guidance {args.guidance:g}")
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
     den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device)

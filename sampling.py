@@ -58,13 +58,11 @@ def one_step(denoiser, z, y=None, s=1.0):
     return denoiser.x0(z, denoiser.T - 1, y, s)
 
 
-def generator_timesteps(T, K, top=1.0):
-    """The K-step generator's timesteps, evenly spaced below round(top T): t_k = (K - k) (round(top T) // K) - 1,
-    k = 0..K-1. top = 1: from T-1, DMD2's 999, 749, 499, 249 for T = 1000 and K = 4, the same as diffusers'
-    LCMScheduler with original_inference_steps K; K = 1: T-1, the one-step generator. top < 1 (--generator-t): the
-    one-step generator reads z at a lower timestep, where the teacher's x̂0 depends more on its input (DMD2's one-step
-    SDXL: 399 of 1000; SiD: σ_init 2.5)."""
-    return [(K - k) * (round(top * T) // K) - 1 for k in range(K)]
+def generator_timesteps(T, K):
+    """The K-step generator's timesteps, evenly spaced from T-1: t_k = (K - k) (T // K) - 1, k = 0..K-1. DMD2's
+    999, 749, 499, 249 for T = 1000 and K = 4; the same as diffusers' LCMScheduler with original_inference_steps K.
+    K = 1: T-1, the one-step generator."""
+    return [(K - k) * (T // K) - 1 for k in range(K)]
 
 
 @torch.no_grad()

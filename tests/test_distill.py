@@ -136,3 +136,26 @@ def test_the_demo_runs_a_fixed_number_of_steps():
     make = open(os.path.join(ROOT, "Makefile")).read()
     flags = make.split("DISTILL_FLAGS ?=")[1].split("\n\n")[0]
     assert "--max-minutes" not in flags and "--steps" in flags
+
+
+def test_regression_warm_start_then_dmd2_from_it(mnist_run, tmp_path):
+    """The recipe's two runs: regression alone (--dm-weight 0 --gan-weight 0) into --out kd trains netG every step and
+    never µfake; DMD2 with --generator-init kd/student starts netG from those weights (not the teacher's). A student
+    trained at other timesteps is refused with one line."""
+    d = fresh_run(mnist_run, tmp_path)
+    run("distill.py", "--run-dir", d, "--out", "kd", "--steps", 3, "--dm-weight", 0, "--gan-weight", 0,
+        "--reg-weight", 1, "--probe-every", 0, *FAST)
+    rows = [json.loads(line) for line in open(d / "kd" / "stats.jsonl")]
+    assert [row["g_updates"] for row in rows] == [1, 2, 3] and not any("loss_fake" in row for row in rows)
+    state = torch.load(d / "kd" / "train_state.pt", weights_only=True)
+    teacher = load_file(d / "teacher" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(state["mu_fake"][k], teacher[k]) for k in teacher)  # µfake: never updated
+    assert not all(torch.equal(state["net_g"][k], teacher[k]) for k in teacher)  # netG: trained
+    assert not (d / "dmd").exists()
+    run("distill.py", "--run-dir", d, "--generator-init", d / "kd" / "student", "--steps", 1, "--reg-weight", 0,
+        "--gen-every", 2, "--lr", 1e-30, "--probe-every", 0, "--batch-size", 4)  # ~0 lr: netG stays put
+    kd, dmd_student = (load_file(d / f / "student" / "diffusion_pytorch_model.safetensors") for f in ("kd", "dmd"))
+    assert all(torch.equal(kd[k], dmd_student[k]) for k in kd)
+    bad = run("distill.py", "--run-dir", d, "--generator-init", d / "kd" / "student", "--generator-steps", 2,
+              "--steps", 1, "--reg-weight", 0, "--overwrite", "--batch-size", 4, check=False, limit=60)
+    assert bad.returncode == 2 and "trained at timesteps [399]" in bad.stderr and "[399, 199]" in bad.stderr

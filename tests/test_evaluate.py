@@ -68,13 +68,13 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert read_json(d / "dmd" / "student_best" / "probe.json") == dict(step=best["step"], probe_fid=best["probe_fid"],
                                                                         of="student")  # no EMA: the student itself
     r = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-            "--ddim-steps", "1,2", "--grid-ddim-steps", "1")
+            "--ddim-steps", "1")
     report = read_json(d / "eval" / "report.json")
     assert report["dataset"] == "mnist" and report["num_samples"] == 20
     assert report["feature_extractor"].startswith("classifier")  # no Inception weights offline
     rows = {row["model"]: row for row in report["rows"]}
-    assert list(rows) == ["real", "teacher-g1.5-ddim-1", "teacher-g2-ddim-1", "teacher-g2-ddim-2", "teacher-g2-ddim-3",
-                          "teacher-g2.5-ddim-1", "onestep-before", "onestep-before-guided", "student", "student-best"]
+    assert list(rows) == ["real", "teacher-g1.5-ddim-1", "teacher-g2-ddim-1", "teacher-g2-ddim-3", "teacher-g2.5-ddim-1",
+                          "onestep-before", "onestep-before-guided", "student", "student-best"]  # + the pairs' DDIM-3
     assert report["guidance"] == 2.0 and report["teacher_guidance"] == [1.5, 2.0, 2.5]  # the pairs' and around it
     for name, row in rows.items():
         for key in ("fid", "kid", "kid_std", "precision", "recall"):
@@ -100,11 +100,24 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert report["reused_rows"] == []
     # evaluated again on the same setup, the rows no student changes are taken from the report, not scored again
     run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-        "--ddim-steps", "1,2", "--grid-ddim-steps", "1")
+        "--ddim-steps", "1")
     again = read_json(d / "eval" / "report.json")
     assert again["reused_rows"] == [n for n in rows if not n.startswith("student")]
     assert again["rows"][:-2] == report["rows"][:-2]  # the students are scored again: same numbers, new timings
     assert [r["fid"] for r in again["rows"][-2:]] == [r["fid"] for r in report["rows"][-2:]]
+    # distill.py's probe now reads its gap against the teacher's best row of that report, measured on its own scale
+    run("distill.py", "--run-dir", d, "--steps", 1, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--lr", 1e-3,
+        "--probe-every", 1, "--probe-samples", 20, "--overwrite")
+    ref = read_json(d / "dmd" / "summary.json")["gap_reference"]
+    assert ref["model"] == best and ref["probe_fid"] > 0 and ref["real_probe_fid"] >= 0
+    probed = json.loads((d / "dmd" / "stats.jsonl").read_text().splitlines()[-1])
+    assert probed["probe_gap"] == pytest.approx((ref["probe_fid"] - probed["probe_fid"]) /
+                                                (ref["probe_fid"] - ref["real_probe_fid"]))
+    # ... but a row made at another guidance is scored again
+    run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
+        "--ddim-steps", "1", "--rows", "real,onestep", "--guidance", 3)
+    third = read_json(d / "eval" / "report.json")
+    assert third["reused_rows"] == ["real", "onestep-before"] and third["rows"][-1]["guidance"] == 3.0
     assert "| student | 1 |" in r.stdout and f"best row over steps x guidance, {best}" in r.stdout
     # a failed evaluation destroys nothing: a misspelt row is refused before any work, with one line naming the rows
     # there are, and a row that fails after others succeeded (a truncated student) writes no file either

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,3 +78,29 @@ def test_rerun_with_another_teacher_is_refused(tmp_path):
     r = make_pairs(tmp_path, check=False)
     assert r.returncode == 2 and "teacher_hash" in r.stderr and "--overwrite" in r.stderr
     assert read_json(tmp_path / "pairs" / "meta.json")["num_pairs"] == 10  # untouched
+
+
+def test_the_teachers_best_row_sets_the_pairs_and_the_guidance(mnist_run, tmp_path):
+    """precompute.py --best-row and distill.py --guidance best read the teacher's best row over steps x guidance from
+    <run-dir>/eval/report.json (made by evaluate.py for this very teacher); without one, or with another teacher's,
+    each refuses with one line."""
+    from checkpoints import weights_hash
+    from files import write_json
+    d = tmp_path / "run"
+    shutil.copytree(mnist_run / "teacher", d / "teacher")
+    missing = run("precompute.py", "--run-dir", d, "--best-row", "--num-pairs", 8, check=False, limit=60)
+    assert missing.returncode == 2 and "--best-row needs this teacher's evaluation" in missing.stderr
+    rows = [dict(model="real", fid=1.0), dict(model="teacher-g3-ddim-4", fid=9.0, guidance=3.0, steps=4),
+            dict(model="teacher-g1.5-ddim-2", fid=7.0, guidance=1.5, steps=2),  # the best
+            dict(model="onestep-before-guided", fid=5.0, guidance=2.0)]  # not a DDIM row
+    (d / "eval").mkdir()
+    write_json(dict(setup=dict(teacher_hash="0" * 16), rows=rows), d / "eval" / "report.json")
+    other = run("distill.py", "--run-dir", d, "--guidance", "best", "--reg-weight", 0, "--steps", 1, check=False, limit=60)
+    assert other.returncode == 2 and "--guidance best needs this teacher's evaluation" in other.stderr
+    write_json(dict(setup=dict(teacher_hash=weights_hash(str(d / "teacher"))), rows=rows), d / "eval" / "report.json")
+    run("precompute.py", "--run-dir", d, "--best-row", "--num-pairs", 8, "--shard-size", 8)
+    meta = read_json(d / "pairs" / "meta.json")
+    assert (meta["sampling_steps"], meta["guidance"]) == (2, 1.5)
+    run("distill.py", "--run-dir", d, "--guidance", "best", "--reg-weight", 0, "--steps", 1, "--batch-size", 4,
+        "--probe-every", 0)
+    assert read_json(d / "dmd" / "config.json")["guidance"] == 1.5
