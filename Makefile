@@ -1,4 +1,6 @@
-# make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2, ~25 min on 2 cores after the install)
+# make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2; TIME on 2 cores after the install)
+# make demo DATASET=fashion-mnist        : the same recipe on Fashion-MNIST (apt-get install dataset-fashion-mnist)
+# make demo DATA=my_images IMAGE_SIZE=32 : the same recipe on your own images (class subfolders = labels), runs/custom
 # make test : the test suite (CPU, tiny models, ~5 min on 2 cores)
 # Each target sets up its own virtual environment first. Stages that finished are not redone;
 # an interrupted stage resumes from its last checkpoint when `make demo` is run again.
@@ -6,7 +8,16 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= mnist
+ifdef DATA  # your own images: the teacher is trained on them, and every later script names it (and them)
+RUN ?= runs/custom
+TEACHER_WHERE := --run-dir $(RUN) --data-dir $(DATA) --image-size $(IMAGE_SIZE) $(if $(CHANNELS),--channels $(CHANNELS))
+WHERE := --run-dir $(RUN) --teacher $(RUN)/teacher
+DATA_WHERE := --data-dir $(DATA)
+else
 RUN ?= runs/$(DATASET)
+WHERE := --run-dir $(RUN) --dataset $(DATASET)
+TEACHER_WHERE := $(WHERE)
+endif
 export PYTHONUNBUFFERED := 1
 
 # CPU-demo sizes (docs/RESULTS.md says how each was chosen; the scripts' own defaults are the seed's GPU sizes). The
@@ -42,29 +53,29 @@ demo: $(RUN)/eval/report.md
 	@cat $(RUN)/eval/report.md
 
 $(RUN)/teacher/train_config.json: | $(VENV)/.installed
-	$(PY) train_teacher.py --dataset $(DATASET) --run-dir $(RUN) $(TEACHER_FLAGS) $$(test -f $(RUN)/teacher/train_state.pt && echo --resume)
+	$(PY) train_teacher.py $(TEACHER_WHERE) $(TEACHER_FLAGS) $$(test -f $(RUN)/teacher/train_state.pt && echo --resume)
 
 $(RUN)/classifier/config.json: $(RUN)/teacher/train_config.json
-	$(PY) evaluate.py --dataset $(DATASET) --prepare --run-dir $(RUN)
+	$(PY) evaluate.py $(WHERE) $(DATA_WHERE) --prepare
 
 # The yardstick first: the pairs and µreal's guidance are its best row, distill.py's probe reads its gap against it,
 # and the final evaluation reuses these rows (same teacher, classifier and seeds) and scores the students.
 $(RUN)/eval/teacher_rows.done: $(RUN)/classifier/config.json
-	$(PY) evaluate.py --dataset $(DATASET) --fid --run-dir $(RUN) $(EVAL_FLAGS) --rows real,teacher,onestep
+	$(PY) evaluate.py $(WHERE) $(DATA_WHERE) --fid $(EVAL_FLAGS) --rows real,teacher,onestep
 	touch $@
 
 $(RUN)/pairs/done: $(RUN)/eval/teacher_rows.done
-	$(PY) precompute.py --dataset $(DATASET) --run-dir $(RUN) $(PAIRS_FLAGS) --overwrite
+	$(PY) precompute.py $(WHERE) $(PAIRS_FLAGS) --overwrite
 	touch $@
 
 $(RUN)/kd/summary.json: $(RUN)/pairs/done
-	$(PY) distill.py --dataset $(DATASET) --run-dir $(RUN) $(KD_FLAGS) $$(test -f $(RUN)/kd/train_state.pt && echo --resume || echo --overwrite)
+	$(PY) distill.py $(WHERE) $(DATA_WHERE) $(KD_FLAGS) $$(test -f $(RUN)/kd/train_state.pt && echo --resume || echo --overwrite)
 
 $(RUN)/dmd/summary.json: $(RUN)/kd/summary.json
-	$(PY) distill.py --dataset $(DATASET) --run-dir $(RUN) $(DISTILL_FLAGS) $$(test -f $(RUN)/dmd/train_state.pt && echo --resume || echo --overwrite)
+	$(PY) distill.py $(WHERE) $(DATA_WHERE) $(DISTILL_FLAGS) $$(test -f $(RUN)/dmd/train_state.pt && echo --resume || echo --overwrite)
 
 $(RUN)/eval/report.md: $(RUN)/dmd/summary.json
-	$(PY) evaluate.py --dataset $(DATASET) --fid --run-dir $(RUN) $(EVAL_FLAGS)
+	$(PY) evaluate.py $(WHERE) $(DATA_WHERE) --fid $(EVAL_FLAGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q --durations=10

@@ -222,9 +222,10 @@ def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, time
 
 
 class Probe:
-    """A cheap quality probe for training: FID and class accuracy of `num_samples` images of the generator (at its
-    `timesteps`) on fixed seeds (disjoint from the pairs' and evaluation's), against the real images `real`, on the
-    classifier's features, the way evaluate.py computes them. With `set_gap_reference`, also the share of the gap
+    """A cheap quality probe for training: FID, precision, recall, high-frequency share and class accuracy of
+    `num_samples` images of the generator (at its `timesteps`) on fixed seeds (disjoint from the pairs' and
+    evaluation's), against the real images `real` (precision and recall: the first 1,000 of them), on the classifier's
+    features, the way evaluate.py computes them: a collapse shows in recall before FID. With `set_gap_reference`, also the share of the gap
     between the teacher's best evaluated row and the real floor that the generator closes, all three measured here,
     on the probe's seeds and sample count (an FID's level depends on the sample count: the evaluation's numbers are not
     on this scale)."""
@@ -234,14 +235,16 @@ class Probe:
         self.clf = Classifier.from_pretrained(classifier_dir).eval()
         self.device, self.timesteps, self.num_samples = device, timesteps, num_samples
         x_real = torch.stack([real[i][0] for i in range(min(len(real), 10000))])
-        self.ref = fid_features_to_statistics(extract(self.fe, self.layer, x_real, False, device).double())
+        f_real = extract(self.fe, self.layer, x_real, False, device)
+        self.ref, self.f_ref = fid_features_to_statistics(f_real.double()), f_real[:1000]
         self.noise = seeded_noise(range(num_samples), shape, seed, len(timesteps))
         self.y = balanced_labels(range(num_samples), num_classes)
         self.gap_reference = None
 
-    def fid(self, x):
-        stats = fid_features_to_statistics(extract(self.fe, self.layer, x, False, self.device).double())
-        return float(fid_statistics_to_metric(stats, self.ref, False)["frechet_inception_distance"])
+    def fid(self, x, features=None):
+        f = extract(self.fe, self.layer, x, False, self.device) if features is None else features
+        return float(fid_statistics_to_metric(fid_features_to_statistics(f.double()), self.ref,
+                                              False)["frechet_inception_distance"])
 
     def batches(self, make):
         """make(z, y) on the probe's noise (its first draw) and labels, 250 at a time, concatenated on the CPU."""
@@ -266,7 +269,11 @@ class Probe:
                   for i in range(0, self.num_samples, 250)]
         steps = [torch.cat([c[k].cpu() for c in chunks]) for k in range(len(self.timesteps))]
         x = steps[-1]
-        row = dict(probe_fid=self.fid(x), **{f"probe_fid_k{k}": self.fid(x_k) for k, x_k in enumerate(steps[:-1])})
+        f = extract(self.fe, self.layer, x, False, self.device)
+        prc = prc_features_to_metric(f, self.f_ref, save_cpu_ram=True, verbose=False)
+        row = dict(probe_fid=self.fid(x, f), probe_precision=prc["precision"], probe_recall=prc["recall"],
+                   probe_hf=high_frequency_share(x.clamp(-1, 1)),
+                   **{f"probe_fid_k{k}": self.fid(x_k) for k, x_k in enumerate(steps[:-1])})
         if self.gap_reference:
             teacher, real = self.gap_reference["probe_fid"], self.gap_reference["real_probe_fid"]
             row["probe_gap"] = (teacher - row["probe_fid"]) / (teacher - real) if teacher > real else None

@@ -2,6 +2,7 @@
 
     python benchmarks/collapse_forces.py --run-dir runs/fashion-mnist              # netG, µfake at the end of dmd/
     python benchmarks/collapse_forces.py --run-dir runs/fashion-mnist --at-init    # the three copies of the teacher
+    python benchmarks/collapse_forces.py --run-dir runs/fashion-mnist --out kd --guidance 4   # DMD2's start from kd/
 
 A gradient step x <- x - η ∇x L moves G's images; for the samples x_i of one class (mean x̄) their spread
 Σ|x_i - x̄|² changes at the rate -2η Σ<x_i - x̄, ∇x_i L - mean ∇L>. The collapse rate printed is that sum divided by the
@@ -24,7 +25,8 @@ from models import make_dmd_networks  # noqa: E402
 from sampling import sample_generator, seeded_noise  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-p.add_argument("--run-dir", required=True, help="a run folder: teacher/ and (without --at-init) dmd/train_state.pt")
+p.add_argument("--run-dir", required=True, help="a run folder: teacher/ and (without --at-init) <out>/train_state.pt")
+p.add_argument("--out", default=DMD, help="the distillation run inside --run-dir (kd: the warm start, µfake untrained)")
 p.add_argument("--at-init", action="store_true", help="netG and µfake as distillation starts them: copies of the teacher")
 p.add_argument("--guidance", type=float, default=None, help="µreal's guidance; default the run's (dmd/config.json)")
 p.add_argument("--samples", type=int, default=64, help="samples per class")
@@ -32,16 +34,17 @@ p.add_argument("--classes", type=int, default=10, help="the first N classes")
 p.add_argument("--bins", type=int, default=8, help="t-bins of the DM loss's range")
 args = p.parse_args()
 
-config = load_json(os.path.join(args.run_dir, DMD, "config.json")) if not args.at_init else {}
+config = load_json(os.path.join(args.run_dir, args.out, "config.json")) if not args.at_init else {}
 s = args.guidance or config.get("guidance", 3.0)
 teacher, _ = open_teacher(os.path.join(args.run_dir, "teacher"), config.get("dataset", "mnist"), s)
 head_input, gan_weight = config.get("gan_head_input", "down"), config.get("gan_weight", 3e-2)
 net_g, mu_real, mu_fake = make_dmd_networks(teacher.backbone, teacher.scheduler, gan_head=True, head_input=head_input)
 if not args.at_init:
-    state = load_state(os.path.join(args.run_dir, DMD, STATE))
+    state = load_state(os.path.join(args.run_dir, args.out, STATE))
     net_g.backbone.load_state_dict(state["net_g"])
     mu_fake.backbone.load_state_dict(state["mu_fake"])
-    mu_fake.head.load_state_dict(state["gan_head"])
+    if state["gan_head"]:  # a run without the GAN term has no trained head: a random one stands in
+        mu_fake.head.load_state_dict(state["gan_head"])
 T, ts = mu_real.T, config.get("generator_timesteps", [mu_real.T - 1])
 lo, hi = round(0.02 * T), round(0.98 * T)
 edges = torch.linspace(lo, hi, args.bins + 1).round().long()
@@ -77,7 +80,7 @@ for c in range(args.classes):
     (grad,) = torch.autograd.grad(gan_weight * gan_generator_loss(logits) * args.samples, x_g)  # per sample
     rows.setdefault(("gan", 0), []).append(rate(x, grad))
 
-what = "at init (copies of the teacher)" if args.at_init else f"end of {args.run_dir}/{DMD}"
+what = "at init (copies of the teacher)" if args.at_init else f"end of {args.run_dir}/{args.out}"
 print(f"collapse rate (> 0: pulls a class's samples together), netG and µfake {what}, guidance {s}, mean over "
       f"{args.classes} classes x {args.samples} samples; λ_GAN {gan_weight}\n")
 print("| term | " + " | ".join(f"t {int(edges[b])}-{int(edges[b + 1])}" for b in range(args.bins)) + " | all t |")

@@ -50,6 +50,8 @@ def test_few_step_run_writes_every_artefact(mnist_run, tmp_path):
     assert "step 4 |" in r.stdout  # one status line per interval
     probed = [row for row in rows if "probe_fid" in row]
     assert [row["step"] for row in probed] == [2, 4] and all("probe_fid_ema" in row for row in probed)
+    assert all(0 <= row["probe_recall"] <= 1 and 0 <= row["probe_precision"] <= 1 and 0 < row["probe_hf"] < 1
+               for row in probed)
     best = read_json(out / "student_best" / "probe.json")
     assert best["of"] == "student_ema" and best["probe_fid"] == min(row["probe_fid_ema"] for row in probed)
     assert summary["exported"] == "student_ema"  # the pipeline ships the EMA, bit for bit
