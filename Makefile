@@ -1,4 +1,4 @@
-# make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2; TIME on 2 cores after the install)
+# make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2; see README for its time)
 # make demo DATASET=fashion-mnist        : the same recipe on Fashion-MNIST (apt-get install dataset-fashion-mnist)
 # make demo DATA=my_images IMAGE_SIZE=32 : the same recipe on your own images (class subfolders = labels), runs/custom
 # make test : the test suite (CPU, tiny models, ~5 min on 2 cores)
@@ -9,6 +9,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= mnist
 ifdef DATA  # your own images: the teacher is trained on them, and every later script names it (and them)
+ifndef IMAGE_SIZE
+$(error DATA=$(DATA) needs IMAGE_SIZE=<pixels>, the teacher's square image size (e.g. IMAGE_SIZE=32))
+endif
 RUN ?= runs/custom
 TEACHER_WHERE := --run-dir $(RUN) --data-dir $(DATA) --image-size $(IMAGE_SIZE) $(if $(CHANNELS),--channels $(CHANNELS))
 WHERE := --run-dir $(RUN) --teacher $(RUN)/teacher

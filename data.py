@@ -55,20 +55,24 @@ def find_file(folder, stem):
     return None
 
 
-def idx_arrays(folder, train, what="MNIST"):
-    """(images uint8 N x 28 x 28, labels, description) from a folder of MNIST-format IDX files."""
+def idx_arrays(folder, train, what="MNIST", fix=None):
+    """(images uint8 N x 28 x 28, labels, description) from a folder of MNIST-format IDX files; `fix` is what the
+    error says to do where the files are missing (default: point --data-dir elsewhere)."""
     prefix = "train" if train else "t10k"
     img, lab = find_file(folder, f"{prefix}-images-idx3-ubyte"), find_file(folder, f"{prefix}-labels-idx1-ubyte")
     if img is None or lab is None:
-        raise UserError(f"--data-dir '{folder}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
-                        f"point it at a folder of {what} IDX files")
+        raise UserError(f"'{folder}' has no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz]: "
+                        f"{fix or f'point --data-dir at a folder of {what} IDX files'}")
     return read_idx(img), read_idx(lab), f"{what} IDX files in {folder}"
 
 
 def fashion_mnist_arrays(data_dir, train):
     """Fashion-MNIST as (images, labels, description): --data-dir, else the Debian package's files, else torchvision."""
-    if data_dir or os.path.isdir(FASHION_MNIST_DEB):
-        return idx_arrays(data_dir or FASHION_MNIST_DEB, train, "Fashion-MNIST")
+    if data_dir:
+        return idx_arrays(data_dir, train, "Fashion-MNIST")
+    if os.path.isdir(FASHION_MNIST_DEB):
+        return idx_arrays(FASHION_MNIST_DEB, train, "Fashion-MNIST",
+                          "reinstall dataset-fashion-mnist (apt-get install --reinstall) or pass --data-dir")
     try:
         import torchvision
         ds = torchvision.datasets.FashionMNIST(os.path.join(CACHE, "torchvision"), train=train, download=True)

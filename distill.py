@@ -24,12 +24,11 @@ from torchvision.utils import make_grid
 import dmd
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import load_pairs, load_splits, save_grid
-from files import (CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
+from files import (CLASSIFIER, DMD, EVAL, PAIRS, TEACHER, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import best_teacher_row, make_probe
-from checkpoints import (default_teacher, load_teacher, open_teacher, save_pipeline, save_student, student_timesteps,
-                         weights_hash)
+from checkpoints import default_teacher, load_teacher, open_teacher, save_pipeline, save_student, weights_hash
 from models import Denoiser, make_dmd_networks
 from recipes import PRESETS, grid_columns
 from sampling import (GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, sample_teacher,
@@ -58,22 +57,30 @@ def parse_args():
     p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0,
                    help="EMA decay of netG's weights (0 = off); when on, the EMA is the student the probe keeps and the pipeline ships (student_ema/)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (bf16 recommended on GPU; DMD2 saw fp16 diverge)")
-    p.add_argument("--report-to", default=None, choices=["tensorboard"], help="also log every stats row and sample grid there (<run-dir>/dmd/tensorboard)")
+    p.add_argument("--report-to", default=None, choices=["tensorboard"], help="also log every stats row and sample grid there (<run-dir>/<out>/tensorboard)")
     p.add_argument("--log-every", type=number(int, 0), default=20, help="status line + stats.jsonl row every N steps")
     p.add_argument("--ckpt-every", type=number(int, 0), default=200, help="save student + training state every N steps")
     p.add_argument("--sample-every", type=number(int, 0), default=200, help="sample grid on fixed seeds every N steps")
     p.add_argument("--probe-every", type=number(int, 0, inclusive=True), default=100,
                    help="quality probe every N steps: FID / accuracy of one-step samples on the features of "
                         "<run-dir>/classifier (made by `evaluate.py --prepare`); the best is kept as student_best; 0 = off")
-    p.add_argument("--probe-samples", type=number(int, 0), default=500, help="samples per quality probe")
+    p.add_argument("--probe-samples", type=number(int, 3), default=500, help="samples per quality probe (recall's k = 3 needs 4)")
     p.add_argument("--data-dir", default=None, help="dataset folder: the probe's reference images, the GAN's real images")
     p.add_argument("--out", default=DMD,
-                   help="this run's folder inside --run-dir (the recipe's regression warm start writes kd/, the DMD2 "
-                        "run that starts from it, --generator-init <run-dir>/kd/student, writes dmd/)")
+                   help="this run's folder inside --run-dir, a plain name (the recipe's regression warm start writes "
+                        "kd/, the DMD2 run that starts from it, --generator-init <run-dir>/kd/student, writes dmd/)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/<out>/train_state.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/dmd")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/<out>")
     dmd.add_arguments(p)
     args = parse(p)
+    if os.path.basename(args.out) != args.out or args.out in ("", ".", "..", TEACHER, PAIRS, EVAL, CLASSIFIER):
+        raise UserError(f"--out {args.out!r}: give a plain folder name other than {TEACHER}, {PAIRS}, {EVAL} and "
+                        f"{CLASSIFIER} (default {DMD}; the warm start's: kd)")
+    if args.dm_weight == 0 and args.gan_weight == 0 and args.reg_weight == 0:
+        raise UserError("--dm-weight 0 --gan-weight 0 --reg-weight 0: nothing trains netG; give one of them > 0")
+    if dmd.regression_only(args) and args.generator_steps > 1:
+        raise UserError(f"--generator-steps {args.generator_steps} with the regression loss alone: it trains the one-step "
+                        f"map z -> pair (a K-step run can start from it with --generator-init): drop --generator-steps")
     recipe = PRESETS[args.dataset]
     args.lr = args.lr or recipe["lr"]
     args.lr_fake = args.lr_fake or args.lr
@@ -83,6 +90,9 @@ def parse_args():
         raise UserError(f"--pairs {args.pairs} is read only by the regression loss, which --reg-weight 0 (DMD2) turns off: "
                         f"drop --pairs, or give --reg-weight > 0 (DMD: 0.25)")
     args.pairs = (args.pairs or os.path.join(args.run_dir, PAIRS)) if args.reg_weight > 0 else None  # DMD2: no pairs
+    saved = os.path.join(args.run_dir, args.out, "config.json")
+    if args.guidance == "best" and args.resume and os.path.isfile(saved):  # the run's, not a newer report's
+        args.guidance = load_json(saved)["guidance"]
     if args.guidance == "best":  # the teacher at its best, as evaluate.py measured it
         best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), weights_hash(args.teacher))
         if best is None:
@@ -129,7 +139,7 @@ def main():
                                                                     cfg.gan_weight > 0, args.seed, args.gan_head_input))
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
     if args.generator_init and not args.resume:
-        init_generator(net_g, args.generator_init, generator_timesteps(T, cfg.generator_steps))
+        init_generator(net_g, args.generator_init, weights_hash(args.teacher))
     meta, pairs = read_pairs(args) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
@@ -374,17 +384,14 @@ def read_pairs(args):
     return meta, (z_pairs, x_pairs, y_pairs)
 
 
-def init_generator(net_g, folder, timesteps):
-    """netG's weights from a student of this teacher's architecture, trained at the same generator timesteps."""
-    backbone, _ = load_teacher(folder)
-    if student_timesteps(folder, net_g.T) != list(timesteps):
-        raise UserError(f"--generator-init {folder} was trained at timesteps {student_timesteps(folder, net_g.T)}, this "
-                        f"run's generator runs at {list(timesteps)}: give the same --generator-steps")
-    try:
-        net_g.backbone.load_state_dict(backbone.state_dict())
-    except RuntimeError as e:
-        raise UserError(f"--generator-init {folder} is not a student of this teacher's architecture "
-                        f"({str(e).splitlines()[0][:100]}): pass a dmd/student folder distilled from this teacher")
+def init_generator(net_g, folder, teacher_hash):
+    """netG's weights from a student that distill.py made from this very teacher (its run's config.json says so)."""
+    record = os.path.join(folder, os.pardir, "config.json")
+    made_from = load_json(record).get("teacher_hash") if os.path.isfile(record) else None
+    if made_from != teacher_hash:
+        raise UserError(f"--generator-init {folder} was not distilled from this teacher (its run's config.json names "
+                        f"{made_from}, this teacher is {teacher_hash}): pass <run-dir>/kd/student of a run on this teacher")
+    net_g.backbone.load_state_dict(load_teacher(folder)[0].state_dict())
 
 
 def checksum(module):

@@ -68,7 +68,7 @@ def add_arguments(p):
                    help="µreal's guidance scale, or `best`: the guidance of the teacher's best row over steps x guidance "
                         "in <run-dir>/eval/report.json (evaluate.py's); default the pairs' (they must match), else "
                         "recipes.default_guidance")
-    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=C.dm_weight, help="weight of the DM loss, or of SiD's with --generator-loss sid (0 = regression only, for ablations)")
+    p.add_argument("--dm-weight", type=number(float, 0, inclusive=True), default=C.dm_weight, help="weight of the DM loss, or of SiD's with --generator-loss sid; 0 with --gan-weight 0: the regression loss alone, netG every step, µfake never (the recipe's warm start)")
     p.add_argument("--reg-weight", type=number(float, 0, inclusive=True), default=C.reg_weight, help="λ_reg on the regression loss (seed's α: 0.25); 0 = DMD2: no pairs needed")
     p.add_argument("--reg-loss", default="lpips", choices=["lpips", "pseudo_huber", "l2"], help="regression distance (LPIPS at 224 as DMD)")
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")

@@ -17,6 +17,7 @@ Writes report.json, report.md (table), grid.png (one row per model, same seeds) 
 once every row has been measured: a failed or interrupted evaluation leaves the previous report as it was.
 """
 import functools
+import hashlib
 import os
 import shutil
 import statistics
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
-from data import load_splits, save_grid
+from data import load_splits, save_grid, to_uint8
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
-from metrics import class_accuracy, extract, feature_extractor, high_frequency_share, scores, train_classifier
+from metrics import (class_accuracy, extract, feature_extractor, high_frequency_share, is_teacher_ddim, scores,
+                     train_classifier)
 from checkpoints import default_teacher, open_teacher, student_timesteps, weights_hash, write_model_card
 from models import check_guidance
 from recipes import default_guidance, grid_columns
@@ -79,12 +81,14 @@ def main():
     pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
     distilled = load_json(dmd_config) if os.path.exists(dmd_config) else {}
-    if args.guidance is None:  # the teacher as it was distilled: the pairs' guidance, else µreal's, else the default
-        args.guidance = pairs.get("guidance", distilled.get("guidance", default_guidance(teacher_den.null_label is not None)))
+    if args.guidance is None:  # the student's: µreal's in its distillation, else the pairs', else the default
+        args.guidance = distilled.get("guidance", pairs.get("guidance", default_guidance(teacher_den.null_label is not None)))
     s = args.guidance
+    check_guidance(teacher_den, s, teacher)
     guidances = teacher_guidance_grid(s, args.teacher_guidance, teacher_den.null_label is not None)
-    for g in guidances:
-        check_guidance(teacher_den, g, teacher)
+    if args.teacher_guidance and guidances == [1.0] and args.teacher_guidance != [1.0]:
+        print(f"notice: '{teacher}' has no unconditional class: the teacher rows are unguided (--teacher-guidance "
+              f"ignored)", file=sys.stderr)
     seeds = held_out_seeds(args, pairs, distilled)
     rows_to_run = select_rows(all_rows(args, teacher, pairs, s, guidances, teacher_den), args.rows)  # before any work
 
@@ -98,11 +102,14 @@ def main():
     if args.prepare:
         return
     fe, layer, label, rgb = feature_extractor(args.feature_extractor, clf_dir, args.inception_weights, args.device)
-    f_ref = extract(fe, layer, torch.stack([real_test[i][0] for i in range(n_ref)]), rgb, args.device)
+    x_ref = torch.stack([real_test[i][0] for i in range(n_ref)])
+    f_ref = extract(fe, layer, x_ref, rgb, args.device)
     N, R = args.num_samples, args.repeats
     setup = dict(teacher_hash=weights_hash(teacher), feature_extractor=label, reference=reference, num_samples=N,
                  repeats=R, evaluation_seeds=seeds, batch_size=args.batch_size, device=describe_device(args.device),
-                 classifier_hash=weights_hash(clf_dir) if os.path.isdir(clf_dir) else None)
+                 classifier_hash=weights_hash(clf_dir) if os.path.isdir(clf_dir) else None,
+                 reference_hash=hashlib.sha256(to_uint8(x_ref).numpy().tobytes()).hexdigest()[:16],
+                 real_images=len(real_train))  # the data itself: another source under the same names is not reused
     reused = {} if args.rescore else reusable_rows(os.path.join(out, "report.json"), setup)
     # the `real` row's images: a random draw (datasets may be sorted by class), distinct per repeat
     real_draw = torch.randperm(len(real_train), generator=torch.Generator().manual_seed(seeds[0]))
@@ -195,7 +202,7 @@ def teacher_guidance_grid(s, given, guidable):
 
 
 def teacher_row_name(n, g, guidable):
-    """teacher-g<guidance>-ddim-<steps> for a guidable teacher (--rows teacher-g2 = all of guidance 2's rows), else
+    """teacher-g<guidance>-ddim-<steps> for a guidable teacher (--rows teacher-g2- = all of guidance 2's rows), else
     teacher-ddim-<steps>."""
     return f"teacher-g{g:g}-ddim-{n}" if guidable else f"teacher-ddim-{n}"
 
@@ -324,10 +331,6 @@ def add_gap_closed(report):
         for r in report["rows"]:
             if r["model"].startswith("student"):
                 r["gap_closed" + key] = (teacher["fid"] - r["fid"]) / gap if gap > 0 else None
-
-
-def is_teacher_ddim(name):
-    return name.startswith("teacher-") and "-ddim-" in name
 
 
 def describe_device(device):

@@ -200,13 +200,19 @@ def high_frequency_share(images, cutoff=0.25):
     return (power[radius > cutoff].sum() / power.sum()).item()
 
 
+def is_teacher_ddim(name):
+    """A report row of the teacher sampled by DDIM (teacher-g<s>-ddim-<n>, or teacher-ddim-<n> unguided): the rows
+    a student's gap is read against."""
+    return name.startswith("teacher-") and "-ddim-" in name
+
+
 def best_teacher_row(report_path, teacher_hash):
     """The teacher's best DDIM row over steps x guidance in an evaluate.py report of this very teacher (by its weights'
     hash), or None: no report yet (`evaluate.py --fid --rows real,teacher` makes one), or one of another teacher."""
     if not os.path.isfile(report_path):
         return None
     report = load_json(report_path)
-    rows = [r for r in report["rows"] if r["model"].startswith("teacher-") and r.get("steps")]
+    rows = [r for r in report["rows"] if is_teacher_ddim(r["model"])]
     if report.get("setup", {}).get("teacher_hash") != teacher_hash or not rows:
         return None
     return min(rows, key=lambda r: r["fid"])
@@ -255,8 +261,10 @@ class Probe:
     @torch.no_grad()
     def set_gap_reference(self, name, teacher, real_train):
         """The gap's two ends on the probe's scale: `teacher(z, y)` (the teacher's best row as evaluate.py found it,
-        named `name`) on the probe's seeds, and as many real training images (the floor)."""
-        x_real = torch.stack([real_train[i][0] for i in range(min(len(real_train), self.num_samples))])
+        named `name`) on the probe's seeds, and as many real training images (the floor), drawn at random: a dataset
+        may be sorted by class."""
+        draw = torch.randperm(len(real_train), generator=torch.Generator().manual_seed(0))[:self.num_samples]
+        x_real = torch.stack([real_train[int(i)][0] for i in draw])
         self.gap_reference = dict(model=name, probe_fid=self.fid(self.batches(teacher)), real_probe_fid=self.fid(x_real))
 
     @torch.no_grad()

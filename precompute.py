@@ -30,7 +30,7 @@ def main():
     p = script_parser(__doc__.split("\n")[0])
     p.add_argument("--teacher", default=None, help="teacher folder or hub id; default <run-dir>/teacher (CIFAR-10: the hub id)")
     p.add_argument("--num-pairs", type=number(int, 0), default=None, help="pairs to make (seed: 12,800 MNIST/CelebA, 4,864 CIFAR-10)")
-    p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps (eta 0)")
+    p.add_argument("--sampling-steps", type=number(int, 0), default=None, help="DDIM steps (eta 0); default 25")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None,
                    help="classifier-free guidance scale s (1 = none); default recipes.default_guidance")
     p.add_argument("--best-row", action="store_true",
@@ -47,6 +47,10 @@ def main():
     if args.guidance not in (None, 1.0) and recipe["num_classes"] == 0:
         raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     out = os.path.join(args.run_dir, PAIRS)
+    if args.best_row and (args.sampling_steps or args.guidance is not None):
+        raise UserError("--best-row takes the DDIM steps and guidance of the teacher's best row: drop --sampling-steps "
+                        "and --guidance, or drop --best-row")
+    args.sampling_steps = args.sampling_steps or 25
     if args.best_row:
         best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), weights_hash(source))
         if best is None:

@@ -13,7 +13,6 @@ PRESETS = {
         T=400, beta_end=0.02,  # [teacher] TeaPearce/Conditional_Diffusion_MNIST: 400 steps, linear β 1e-4 → 0.02
         teacher=None,  # no pretrained teacher to download: train_teacher.py makes one
         num_pairs=12800, lr=5e-6, steps=2000,  # [seed] pairs, lr of netG and µfake, steps at batch 64
-        class_names=tuple(str(k) for k in range(10)),
     ),
     "fashion-mnist": dict(  # Xiao et al. 2017: MNIST's format with textures and within-class variety MNIST lacks
         shape=(1, 28, 28), num_classes=10,

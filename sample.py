@@ -17,7 +17,7 @@ from cli import UserError, number, parse, run, script_parser
 from data import save_grid, to_uint8
 from files import DMD, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic
 from checkpoints import default_teacher, open_teacher, student_timesteps
-from recipes import grid_columns
+from recipes import PRESETS, grid_columns
 from sampling import generate, sample_generator, sample_teacher
 
 MODELS = ("teacher", "onestep-teacher", "student", "student-ema", "student-best")
@@ -55,6 +55,9 @@ def main():
         with atomic(os.path.join(out, "samples.npz")) as tmp:
             np.savez(tmp, images=u8, labels=labels.numpy() if labels is not None else np.zeros(0, np.int64))
     print(f"{name}: {len(images)} images -> {out}/{name}.png" + (f" and {out}/samples.npz" if args.out else ""))
+    names = PRESETS[args.dataset].get("class_names")
+    if names and grid_columns(den.num_classes) == len(names):  # one column per class
+        print("columns: " + ", ".join(names))
 
 
 def model_source(args):

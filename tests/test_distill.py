@@ -143,7 +143,7 @@ def test_the_demo_runs_a_fixed_number_of_steps():
 def test_regression_warm_start_then_dmd2_from_it(mnist_run, tmp_path):
     """The recipe's two runs: regression alone (--dm-weight 0 --gan-weight 0) into --out kd trains netG every step and
     never µfake; DMD2 with --generator-init kd/student starts netG from those weights (not the teacher's). A student
-    trained at other timesteps is refused with one line."""
+    of another teacher is refused with one line."""
     d = fresh_run(mnist_run, tmp_path)
     run("distill.py", "--run-dir", d, "--out", "kd", "--steps", 3, "--dm-weight", 0, "--gan-weight", 0,
         "--reg-weight", 1, "--probe-every", 0, *FAST)
@@ -158,6 +158,8 @@ def test_regression_warm_start_then_dmd2_from_it(mnist_run, tmp_path):
         "--gen-every", 2, "--lr", 1e-30, "--probe-every", 0, "--batch-size", 4)  # ~0 lr: netG stays put
     kd, dmd_student = (load_file(d / f / "student" / "diffusion_pytorch_model.safetensors") for f in ("kd", "dmd"))
     assert all(torch.equal(kd[k], dmd_student[k]) for k in kd)
-    bad = run("distill.py", "--run-dir", d, "--generator-init", d / "kd" / "student", "--generator-steps", 2,
-              "--steps", 1, "--reg-weight", 0, "--overwrite", "--batch-size", 4, check=False, limit=60)
-    assert bad.returncode == 2 and "trained at timesteps [399]" in bad.stderr and "[399, 199]" in bad.stderr
+    other = fresh_run(mnist_run, tmp_path, "other")
+    tiny_teacher(other / "teacher", "mnist", "v_prediction", seed=5)
+    bad = run("distill.py", "--run-dir", other, "--generator-init", d / "kd" / "student", "--steps", 1, "--reg-weight",
+              0, "--batch-size", 4, check=False, limit=60)
+    assert bad.returncode == 2 and "was not distilled from this teacher" in bad.stderr

@@ -141,6 +141,12 @@ BAD = [  # the same, each run in this process (main() under cli.run, as the scri
      "makes 3x48x48 images but mnist is 1x28x28"),
     ("train_teacher.py", ["--dataset", "mnist", "--image-size", 7, "--run-dir", "{root}/x"], "are for your own images"),
     ("distill.py", ["--run-dir", "{root}/good", "--divergence", "js", "--overwrite"], "--gan-weight 0 has no head"),
+    ("distill.py", ["--run-dir", "{root}/good", "--out", "teacher", "--overwrite"], "a plain folder name other than teacher"),
+    ("distill.py", ["--run-dir", "{root}/good", "--dm-weight", 0, "--reg-weight", 0], "nothing trains netG"),
+    ("distill.py", ["--run-dir", "{root}/good", "--guidance", "best", "--reg-weight", 0], "--guidance best needs"),
+    ("precompute.py", ["--run-dir", "{root}/good", "--best-row", "--guidance", 2], "--best-row takes"),
+    ("evaluate.py", ["--fid", "--teacher", "{root}/no_null", "--guidance", 2, "--run-dir", "{root}/x"],
+     "has none: drop --guidance"),
 ]
 
 

@@ -17,14 +17,14 @@ from recipes import PRESETS, dataset_name
 def teacher_args(tmp_path, dataset):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    if dataset == "mnist":
+    if dataset in ("mnist", "fashion-mnist"):
         fake_mnist(data_dir, n=16)
         return ["--n-feat", 8]
     fake_images(data_dir, n=8)
     return ["--unet-config", json.dumps(TINY_UNET)]
 
 
-@pytest.mark.parametrize("dataset", ["mnist", "celeba", "cifar10"])
+@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist", "celeba", "cifar10"])
 def test_two_step_training_writes_a_loadable_teacher(tmp_path, dataset):
     extra = teacher_args(tmp_path, dataset)
     run("train_teacher.py", "--dataset", dataset, "--run-dir", tmp_path / "run", "--data-dir", tmp_path / "data",
@@ -44,6 +44,9 @@ def test_two_step_training_writes_a_loadable_teacher(tmp_path, dataset):
     r = run("train_teacher.py", "--dataset", dataset, "--run-dir", tmp_path / "run", "--data-dir", tmp_path / "data",
             "--max-steps", 2, *extra, check=False)
     assert r.returncode == 2 and "--overwrite" in r.stderr
+    if dataset == "fashion-mnist":  # the teacher runs as its preset, and the sample grid's columns are named
+        r = run("sample.py", "--teacher", out, "--run-dir", tmp_path / "run", "--num-samples", 10, "--sampling-steps", 2)
+        assert "running as --dataset fashion-mnist" in r.stderr and "columns: T-shirt/top, Trouser, Pullover" in r.stdout
 
 
 def test_trains_a_class_conditional_unet_on_your_own_images(tmp_path):
