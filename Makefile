@@ -1,7 +1,7 @@
 # make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2; see README for its time)
 # make demo DATASET=fashion-mnist        : the same recipe on Fashion-MNIST (apt-get install dataset-fashion-mnist)
 # make demo DATA=my_images IMAGE_SIZE=32 : the same recipe on your own images (class subfolders = labels), runs/custom
-# make test : the test suite (CPU, tiny models, ~5 min on 2 cores)
+# make test : the test suite (CPU, tiny models, ~2.5 min on 2 cores)
 # Each target sets up its own virtual environment first. Stages that finished are not redone;
 # an interrupted stage resumes from its last checkpoint when `make demo` is run again.
 PYTHON ?= python3
