@@ -27,7 +27,7 @@ from data import load_pairs, load_splits, save_grid
 from files import (CLASSIFIER, DMD, EVAL, PAIRS, TEACHER, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
-from metrics import best_teacher_row, make_probe
+from metrics import best_teacher_row, make_probe, required_best_teacher_row
 from checkpoints import default_teacher, load_teacher, open_teacher, save_pipeline, save_student, weights_hash
 from models import Denoiser, make_dmd_networks
 from recipes import PRESETS, grid_columns
@@ -94,10 +94,7 @@ def parse_args():
     if args.guidance == "best" and args.resume and os.path.isfile(saved):  # the run's, not a newer report's
         args.guidance = load_json(saved)["guidance"]
     if args.guidance == "best":  # the teacher at its best, as evaluate.py measured it
-        best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), weights_hash(args.teacher))
-        if best is None:
-            raise UserError(f"--guidance best needs this teacher's evaluation in {args.run_dir}/{EVAL}/report.json: run "
-                            f"`python evaluate.py --fid --rows real,teacher` first, or give a number")
+        best = required_best_teacher_row(args.run_dir, weights_hash(args.teacher), "--guidance best", "a number")
         args.guidance = best["guidance"]
         print(f"distill: µreal's guidance {args.guidance:g}, that of the teacher's best row {best['model']}")
     if args.guidance is None and args.pairs and os.path.isfile(os.path.join(args.pairs, "meta.json")):
@@ -176,7 +173,7 @@ def main():
         real_train, real_reference, _ = load_splits(args.dataset, args.data_dir, False, shape, num_classes)
         probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), real_reference, args.probe_samples, PROBE_SEED, shape,
                            num_classes, timesteps, dev)
-        best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), config["teacher_hash"])
+        best = best_teacher_row(args.run_dir, config["teacher_hash"])
         if probe is not None and best is not None:  # the gap, read as evaluate.py reads it: against the teacher's best
             probe.set_gap_reference(best["model"], lambda z, y: sample_teacher(mu_real, z, y, best["steps"],
                                                                                best["guidance"]), real_train)

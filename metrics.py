@@ -23,7 +23,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from cli import UserError, progress
 from data import to_uint8, to_unit
-from files import load_json, save_folder
+from files import EVAL, load_json, save_folder
 from sampling import balanced_labels, sample_generator, seeded_noise
 
 CLASSIFIER_FEATURES = "dmd-classifier"
@@ -206,9 +206,11 @@ def is_teacher_ddim(name):
     return name.startswith("teacher-") and "-ddim-" in name
 
 
-def best_teacher_row(report_path, teacher_hash):
-    """The teacher's best DDIM row over steps x guidance in an evaluate.py report of this very teacher (by its weights'
-    hash), or None: no report yet (`evaluate.py --fid --rows real,teacher` makes one), or one of another teacher."""
+def best_teacher_row(run_dir, teacher_hash):
+    """The teacher's best DDIM row over steps x guidance in <run_dir>/eval/report.json if evaluate.py made it for this
+    very teacher (by its weights' hash), or None: no report yet (`evaluate.py --fid --rows real,teacher` makes one),
+    or one of another teacher."""
+    report_path = os.path.join(run_dir, EVAL, "report.json")
     if not os.path.isfile(report_path):
         return None
     report = load_json(report_path)
@@ -216,6 +218,15 @@ def best_teacher_row(report_path, teacher_hash):
     if report.get("setup", {}).get("teacher_hash") != teacher_hash or not rows:
         return None
     return min(rows, key=lambda r: r["fid"])
+
+
+def required_best_teacher_row(run_dir, teacher_hash, flag, otherwise):
+    """best_teacher_row for a flag that cannot do without it (`otherwise`: the flags to give instead)."""
+    best = best_teacher_row(run_dir, teacher_hash)
+    if best is None:
+        raise UserError(f"{flag} needs this teacher's evaluation in {run_dir}/{EVAL}/report.json: run `python "
+                        f"evaluate.py --fid --rows real,teacher` first, or give {otherwise}")
+    return best
 
 
 def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device):

@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
 from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
-from files import EVAL, PAIRS, atomic, load_json, write_json
+from files import PAIRS, atomic, load_json, write_json
 from checkpoints import default_teacher, open_teacher, weights_hash
-from metrics import best_teacher_row
+from metrics import required_best_teacher_row
 from recipes import PRESETS, grid_columns
 from sampling import balanced_labels, sample_teacher, seeded_noise
 
@@ -52,10 +52,7 @@ def main():
                         "and --guidance, or drop --best-row")
     args.sampling_steps = args.sampling_steps or 25
     if args.best_row:
-        best = best_teacher_row(os.path.join(args.run_dir, EVAL, "report.json"), weights_hash(source))
-        if best is None:
-            raise UserError(f"--best-row needs this teacher's evaluation in {args.run_dir}/{EVAL}/report.json: run "
-                            f"`python evaluate.py --fid --rows real,teacher` first, or give --sampling-steps and --guidance")
+        best = required_best_teacher_row(args.run_dir, weights_hash(source), "--best-row", "--sampling-steps and --guidance")
         args.sampling_steps, args.guidance = best["steps"], best["guidance"]
         print(f"pairs: the teacher's best row {best['model']} (FID {best['fid']:.2f}): DDIM-{args.sampling_steps}, "
               f"guidance {args.guidance:g}")

@@ -22,7 +22,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's modules
-from metrics import is_teacher_ddim  # noqa: E402
+from checkpoints import weights_hash  # noqa: E402
+from metrics import best_teacher_row  # noqa: E402
 
 METRICS = ("fid", "ratio", "gap_closed", "kid", "precision", "recall", "class_accuracy", "hf_share")
 
@@ -37,13 +38,14 @@ def main():
     p.add_argument("distill_flags", nargs=argparse.REMAINDER, help="after --: distill.py flags, e.g. the Makefile's DISTILL_FLAGS")
     args = p.parse_args()
     flags = [f for f in args.distill_flags if f != "--"]
-    yardstick_path = os.path.join(args.run_dir, "eval", "report.json")
-    if not os.path.isfile(yardstick_path):
-        print(f"error: no {yardstick_path}: run `python evaluate.py --fid --rows real,teacher,onestep --run-dir "
-              f"{args.run_dir}` first (the yardstick the students are read against)", file=sys.stderr)
+    teacher_dir = os.path.join(args.run_dir, "teacher")
+    teacher = best_teacher_row(args.run_dir, weights_hash(teacher_dir)) if os.path.isdir(teacher_dir) else None
+    if teacher is None:
+        print(f"error: no yardstick of this teacher in {args.run_dir}/eval/report.json: run `python evaluate.py --fid "
+              f"--rows real,teacher,onestep --run-dir {args.run_dir}` first (the students are read against it)",
+              file=sys.stderr)
         sys.exit(2)
-    yardstick = read_json(yardstick_path)
-    teacher = min((r for r in yardstick["rows"] if is_teacher_ddim(r["model"])), key=lambda r: r["fid"])
+    yardstick = read_json(os.path.join(args.run_dir, "eval", "report.json"))
     real = next(r for r in yardstick["rows"] if r["model"] == "real")
     flags = [str(teacher["guidance"]) if f == "best" and i and flags[i - 1] == "--guidance" else f
              for i, f in enumerate(flags)]  # --guidance best: the yardstick's, resolved once for every seed
@@ -72,9 +74,8 @@ def main():
         for name in ("student", "student-ema", "student-best"):
             if name in by:
                 r = by[name]
-                gap = (teacher["fid"] - r["fid"]) / (teacher["fid"] - real["fid"])
-                rows.append(dict(seed=seed, model=name, ratio=r["fid"] / teacher["fid"], **{k: r.get(k) for k in METRICS
-                                                                                           if k != "ratio"}, gap_closed=gap))
+                rows.append(dict({k: r.get(k) for k in METRICS}, seed=seed, model=name, ratio=r["fid"] / teacher["fid"],
+                                 gap_closed=(teacher["fid"] - r["fid"]) / (teacher["fid"] - real["fid"])))
         rows.append(dict(seed=seed, model=teacher["model"], ratio=1.0, **{k: teacher.get(k) for k in METRICS if k != "ratio"}))
         rows.append(dict(seed=seed, model="real", ratio=real["fid"] / teacher["fid"], **{k: real.get(k) for k in METRICS if k != "ratio"}))
     lines = [f"{len(args.seeds)} distillation seeds ({', '.join(map(str, args.seeds))}) on the teacher of {args.run_dir}; "
