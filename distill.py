@@ -78,9 +78,6 @@ def parse_args():
                         f"{CLASSIFIER} (default {DMD}; the warm start's: kd)")
     if args.dm_weight == 0 and args.gan_weight == 0 and args.reg_weight == 0:
         raise UserError("--dm-weight 0 --gan-weight 0 --reg-weight 0: nothing trains netG; give one of them > 0")
-    if dmd.regression_only(args) and args.generator_steps > 1:
-        raise UserError(f"--generator-steps {args.generator_steps} with the regression loss alone: it trains the one-step "
-                        f"map z -> pair (a K-step run can start from it with --generator-init): drop --generator-steps")
     recipe = PRESETS[args.dataset]
     args.lr = args.lr or recipe["lr"]
     args.lr_fake = args.lr_fake or args.lr

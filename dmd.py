@@ -331,10 +331,16 @@ def regression_only(cfg):
 
 def regression_update(nets, opt_g, b, cfg, accelerator):
     """One netG update on the regression loss alone: G(z_ref, y_ref) toward the teacher's x_ref, every step (no µfake
-    to keep up with). Cheaper than generator_update: neither the fresh batch nor µreal / µfake run."""
+    to keep up with). Cheaper than generator_update: neither the fresh batch nor µreal / µfake run. A K-step
+    generator learns each of its steps: z_ref -> x_ref at k = 0, and x_ref noised to t_k -> x_ref at k > 0 (the
+    teacher's own denoising objective on its samples), so that no step forgets how to denoise."""
+    x_in = b.z_ref
     t = torch.full((len(b.z_ref),), nets.net_g.T - 1, device=b.z_ref.device)
+    if cfg.generator_steps > 1:
+        t = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z_ref.device)[b.k]
+        x_in = torch.where((b.k == 0).view(-1, 1, 1, 1), b.z_ref, nets.net_g.add_noise(b.x_ref, b.z, t))
     with record_function("netG forward"), accelerator.autocast():
-        loss_reg = cfg.reg_weight * nets.regression(generator(nets, b.z_ref, t, b.y_ref).float(), b.x_ref.float())
+        loss_reg = cfg.reg_weight * nets.regression(generator(nets, x_in, t, b.y_ref).float(), b.x_ref.float())
     check_finite(loss_reg=loss_reg)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_reg)
