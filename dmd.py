@@ -104,8 +104,9 @@ def add_arguments(p):
 
 
 def needs_real_images(cfg):
-    """Real training images are needed by the GAN head, and by a K-step generator trained without backward simulation."""
-    return cfg.gan_weight > 0 or (cfg.generator_steps > 1 and not cfg.backward_simulation)
+    """Real training images are needed by the GAN head, and by a K-step generator trained without backward simulation
+    (not by the regression alone: its later steps denoise the pairs' images)."""
+    return cfg.gan_weight > 0 or (cfg.generator_steps > 1 and not cfg.backward_simulation and not regression_only(cfg))
 
 
 @dataclass
@@ -197,15 +198,20 @@ def generator_inputs(nets, b, cfg):
     ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z.device)
     if cfg.generator_steps == 1:
         return b.z, ts[0].expand(len(b.z))
-    t = ts[b.k]
     if not cfg.backward_simulation:
-        x_t = nets.net_g.add_noise(b.x_real, b.z, t)
-        return torch.where((b.k == 0).view(-1, 1, 1, 1), b.z, x_t), t
+        return noised_step_inputs(nets, b.z, b.x_real, b.z, b.k, ts)
+    t = ts[b.k]
     x_t, x = b.z.clone(), b.z
     for j in range(int(b.k.max())):  # step j's output, re-noised to t_{j+1}, is the input of samples with k = j+1
         x = nets.net_g.add_noise(generator(nets, x, ts[j].expand(len(x)), b.y), b.eps_steps[j], ts[j + 1].expand(len(x)))
         x_t = torch.where((b.k == j + 1).view(-1, 1, 1, 1), x, x_t)
     return x_t, t
+
+
+def noised_step_inputs(nets, z, x0, noise, k, ts):
+    """(x_{t_k}, t_k) without simulating G: z at step k = 0, x0 noised to t_k = ts[k] with `noise` at k > 0."""
+    t = ts[k]
+    return torch.where((k == 0).view(-1, 1, 1, 1), z, nets.net_g.add_noise(x0, noise, t)), t
 
 
 @contextlib.contextmanager
@@ -334,11 +340,10 @@ def regression_update(nets, opt_g, b, cfg, accelerator):
     to keep up with). Cheaper than generator_update: neither the fresh batch nor µreal / µfake run. A K-step
     generator learns each of its steps: z_ref -> x_ref at k = 0, and x_ref noised to t_k -> x_ref at k > 0 (the
     teacher's own denoising objective on its samples), so that no step forgets how to denoise."""
-    x_in = b.z_ref
-    t = torch.full((len(b.z_ref),), nets.net_g.T - 1, device=b.z_ref.device)
+    ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z_ref.device)
+    x_in, t = b.z_ref, ts[0].expand(len(b.z_ref))
     if cfg.generator_steps > 1:
-        t = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z_ref.device)[b.k]
-        x_in = torch.where((b.k == 0).view(-1, 1, 1, 1), b.z_ref, nets.net_g.add_noise(b.x_ref, b.z, t))
+        x_in, t = noised_step_inputs(nets, b.z_ref, b.x_ref, b.z, b.k, ts)
     with record_function("netG forward"), accelerator.autocast():
         loss_reg = cfg.reg_weight * nets.regression(generator(nets, x_in, t, b.y_ref).float(), b.x_ref.float())
     check_finite(loss_reg=loss_reg)
