@@ -338,19 +338,14 @@ def regression_only(cfg):
 def regression_update(nets, opt_g, b, cfg, accelerator):
     """One netG update on the regression loss alone: G(z_ref, y_ref) toward the teacher's x_ref, every step (no µfake
     to keep up with). Cheaper than generator_update: neither the fresh batch nor µreal / µfake run. A K-step
-    generator learns each of its steps: z_ref -> x_ref at k = 0 on the whole batch (turning noise into distinct
-    images is the hard part, the 1-step warm start's whole task: given a 1/K share of the batch, its student's recall
-    fell to a seventh), and also x_ref noised to t_k -> x_ref for the samples whose k > 0 (the teacher's own
-    denoising objective on its samples), so that no step forgets how to denoise."""
+    generator learns each of its steps: z_ref -> x_ref at k = 0, and x_ref noised to t_k -> x_ref at k > 0 (the
+    teacher's own denoising objective on its samples), so that no step forgets how to denoise."""
     ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z_ref.device)
-    x_in, t, y, x_ref = b.z_ref, ts[0].expand(len(b.z_ref)), b.y_ref, b.x_ref
+    x_in, t = b.z_ref, ts[0].expand(len(b.z_ref))
     if cfg.generator_steps > 1:
-        later = b.k > 0
-        x_k, t_k = noised_step_inputs(nets, b.z_ref, b.x_ref, b.z, b.k, ts)
-        x_in, t, x_ref = torch.cat([x_in, x_k[later]]), torch.cat([t, t_k[later]]), torch.cat([x_ref, x_ref[later]])
-        y = torch.cat([y, y[later]]) if y is not None else None
+        x_in, t = noised_step_inputs(nets, b.z_ref, b.x_ref, b.z, b.k, ts)
     with record_function("netG forward"), accelerator.autocast():
-        loss_reg = cfg.reg_weight * nets.regression(generator(nets, x_in, t, y).float(), x_ref.float())
+        loss_reg = cfg.reg_weight * nets.regression(generator(nets, x_in, t, b.y_ref).float(), b.x_ref.float())
     check_finite(loss_reg=loss_reg)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_reg)
