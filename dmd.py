@@ -77,11 +77,12 @@ def add_arguments(p):
     p.add_argument("--fake-loss", default=C.fake_loss, choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
     p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=C.gan_weight, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
     p.add_argument("--gan-disc-weight", type=number(float, 0, inclusive=True), default=C.gan_disc_weight, help="weight of the head's loss in µfake's update (DMD2: 1e-2)")
-    p.add_argument("--gan-head-input", default="bottleneck", choices=["bottleneck", "down", "up"],
+    p.add_argument("--gan-head-input", default="bottleneck", choices=["bottleneck", "down", "up", "levels"],
                    help="ContextUnet teachers: the GAN head reads the bottleneck after t and y entered it (DMD2's "
                         "placement; pooled, no spatial layout), the down path's 7x7 map, blind to t and y (measured "
-                        "better on the CPU demo: docs/RESULTS.md), or the first up block's 14x14 map (t, y and "
-                        "layout; measured no better)")
+                        "better on the CPU demo: docs/RESULTS.md), the first up block's 14x14 map (t, y and "
+                        "layout; measured no better), or each of the down path's maps, 28x28 to 7x7, with a head "
+                        "each (texture at full resolution; measured no better)")
     p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=C.gan_t_max, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
     p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")

@@ -42,10 +42,25 @@ class DiscriminatorHead(nn.Module):
         return logit
 
 
+class LevelHeads(nn.Module):
+    """--gan-head-input levels: one DiscriminatorHead on each map of ContextUnet's down path (28x28, 14x14, 7x7), their
+    logits summed, so texture is judged at the resolution it lives at (the 28x28 map) as well as layout (the 7x7
+    map): FastGen's discriminator placement, features at several levels of the network."""
+
+    def __init__(self, channels, num_classes=0):
+        super().__init__()
+        self.heads = nn.ModuleList(DiscriminatorHead(c, num_classes) for c in channels)
+
+    def forward(self, maps, y=None):
+        return sum(head(h, y) for head, h in zip(self.heads, maps))
+
+
 def bottleneck_channels(backbone, head_input="bottleneck"):
-    """Channels of the features Denoiser.bottleneck returns (`head_input`: --gan-head-input)."""
+    """Channels of the features Denoiser.bottleneck returns (`head_input`: --gan-head-input); for "levels", one per
+    map."""
     if isinstance(backbone, ContextUnet):
-        return backbone.config.n_feat if head_input == "up" else 2 * backbone.config.n_feat
+        n = backbone.config.n_feat
+        return {"up": n, "levels": (n, n, 2 * n)}.get(head_input, 2 * n)
     return backbone.config.block_out_channels[-1]
 
 
@@ -158,6 +173,8 @@ class Denoiser(nn.Module):
         if isinstance(self.backbone, ContextUnet):
             if self.head_input == "down":  # --gan-head-input down: the down path alone, blind to t and y
                 return self.backbone.encode(x_t)[-1]
+            if self.head_input == "levels":  # --gan-head-input levels: each of the down path's maps (LevelHeads)
+                return self.backbone.encode(x_t)
             if self.head_input == "up":  # --gan-head-input up: t and y entered, spatial layout kept
                 return self.backbone.up_features(x_t, t, y if self.num_classes else None)
             return self.backbone.bottleneck(x_t, t, y if self.num_classes else None)
@@ -217,7 +234,8 @@ def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="b
     if gan_head:
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             torch.manual_seed(seed)
-            head = DiscriminatorHead(bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0])
+            channels, num_classes = bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0]
+            head = (LevelHeads if isinstance(channels, tuple) else DiscriminatorHead)(channels, num_classes)
     mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head, head_input).eval().requires_grad_(True)
     mu_real = Denoiser(backbone, scheduler).eval().requires_grad_(False)
     return net_g, mu_real, mu_fake

@@ -172,14 +172,24 @@ def test_gan_head_reads_features_that_know_t_and_y(head_input, shape):
         assert torch.equal(mu_fake.bottleneck(x, t, y), mu_fake.bottleneck(x, t + 300, y + 4))
 
 
-def test_gan_head_on_the_up_path_trains():
-    """--gan-head-input up: µfake's update trains a head of the up block's width (plain SGD: AdamW's weight decay
-    would move the head with no gradient from its loss)."""
-    nets, args, b = dmd2_setup(head_input="up")
-    head = weights(nets.mu_fake.head)
-    stats = dmd.fake_score_update(nets, torch.optim.SGD(nets.mu_fake.parameters(), 1e-2), b.x_real.flip(0), b, args,
+@pytest.mark.parametrize("head_input", ["up", "levels"])
+def test_gan_head_on_other_features_trains(head_input):
+    """--gan-head-input up / levels: µfake's update trains a head of those features' widths (plain SGD: AdamW's weight
+    decay would move a head with no gradient from its loss); with levels, one head on each of the down path's maps
+    (28x28, 14x14, 7x7), the logit the sum of theirs, and every one of them trained."""
+    nets, args, b = dmd2_setup(head_input=head_input)
+    mu_fake = nets.mu_fake
+    heads = list(mu_fake.head.heads) if head_input == "levels" else [mu_fake.head]
+    if head_input == "levels":
+        x, t, y = b.x_real, b.t_gan, b.y_real
+        with torch.no_grad():
+            maps = mu_fake.backbone.encode(x)
+            assert [h.shape[-1] for h in maps] == [28, 14, 7]
+            torch.testing.assert_close(mu_fake(x, t, y, realism=True), sum(h(m, y) for h, m in zip(heads, maps)))
+    before = [weights(h) for h in heads]
+    stats = dmd.fake_score_update(nets, torch.optim.SGD(mu_fake.parameters(), 1e-2), b.x_real.flip(0), b, args,
                                   Accelerator(cpu=True))
-    assert math.isfinite(stats["loss_disc"]) and changed(head, nets.mu_fake.head)
+    assert math.isfinite(stats["loss_disc"]) and all(changed(w, h) for w, h in zip(before, heads))
 
 
 def dmd_loss_as_before(x, p_real, p_fake, h=None):
