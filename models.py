@@ -168,8 +168,9 @@ class Denoiser(nn.Module):
     def bottleneck(self, x_t, t, y=None):
         """The backbone's bottleneck features (B, C, h, w), where x_t, t and y have all entered, so the GAN head can
         judge "a real 7 at this noise level": ContextUnet's modulated 7x7 bottleneck (no up path; `head_input`
-        "down": the down path's 7x7 map, "up": the first up block's 14x14 map), or UNet2DModel's mid-block output
-        (through a whole forward: diffusers has no encoder-only call)."""
+        "down": the down path's 7x7 map, "up": the first up block's 14x14 map, "levels": the down path's three maps,
+        28x28, 14x14 and 7x7, as a tuple for LevelHeads), or UNet2DModel's mid-block output (through a whole forward:
+        diffusers has no encoder-only call)."""
         if isinstance(self.backbone, ContextUnet):
             if self.head_input == "down":  # --gan-head-input down: the down path alone, blind to t and y
                 return self.backbone.encode(x_t)[-1]
