@@ -96,14 +96,15 @@ def dmd2_setup(K=1, backward_simulation=False, gan_weight=3e-3, seed=0, head_inp
     return nets, args, batch
 
 
-def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient():
-    nets, args, b = dmd2_setup()
+@pytest.mark.parametrize("head_input", ["bottleneck", "levels"])
+def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient(head_input):
+    nets, args, b = dmd2_setup(head_input=head_input)
     opt_g, opt_fake = torch.optim.AdamW(nets.net_g.parameters(), 1e-3), torch.optim.AdamW(nets.mu_fake.parameters(), 1e-3)
     real, head = weights(nets.mu_real), weights(nets.mu_fake.head)
     # generator update: the GAN loss reaches G through µfake's head, and leaves no gradient on µfake or its head
     grads = {}
     for w in (0.0, args.gan_weight):
-        nets_w = dmd.Networks(*dmd2_setup()[0].__dict__.values())
+        nets_w = dmd.Networks(*dmd2_setup(head_input=head_input)[0].__dict__.values())
         x, stats = dmd.generator_update(nets_w, torch.optim.SGD(nets_w.net_g.parameters(), 0.0), b,
                                         dataclasses.replace(args, gan_weight=w), Accelerator(cpu=True))
         assert all(p.grad is None for p in nets_w.mu_fake.parameters())
