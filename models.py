@@ -45,7 +45,8 @@ class DiscriminatorHead(nn.Module):
 class LevelHeads(nn.Module):
     """--gan-head-input levels: one DiscriminatorHead on each map of ContextUnet's down path (28x28, 14x14, 7x7), their
     logits summed, so texture is judged at the resolution it lives at (the 28x28 map) as well as layout (the 7x7
-    map): FastGen's discriminator placement, features at several levels of the network."""
+    map): features at several levels of the network, the idea of FastGen's placement (here on µfake's trainable down
+    path, not the frozen teacher's)."""
 
     def __init__(self, channels, num_classes=0):
         super().__init__()
