@@ -1,3 +1,4 @@
+import copy
 import math
 import os
 import socket
@@ -61,6 +62,28 @@ def test_save_from_pretrained_round_trip(tmp_path, dataset):
     y = torch.tensor([0, 5, 10]) if dataset == "mnist" else None
     with torch.no_grad():
         assert torch.equal(backbone(x, t, class_labels=y).sample, loaded(x, t, class_labels=y).sample)
+
+
+def test_contextunet_runs_channels_last_with_the_same_outputs_and_weights(tmp_path):
+    """Denoiser lays a ContextUnet's weights out channels-last (faster on CPU); the outputs stay those of the
+    contiguous layout up to float rounding, gradients too, and the saved weights are the same numbers."""
+    torch.manual_seed(0)
+    backbone, scheduler = make_teacher("mnist", "v_prediction", n_feat=8)
+    reference = copy.deepcopy(backbone)
+    den = Denoiser(backbone, scheduler)
+    conv = den.backbone.down1[0].conv1[0].weight  # (init_conv's one input channel is both layouts at once)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x_t, t, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 50, 250, 399]), torch.tensor([0, 3, 7, 10])
+    out, expected = den(x_t, t, y), reference(x_t, t, class_labels=y).sample
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    grad = reference.down1[0].conv1[0].weight.grad
+    torch.testing.assert_close(conv.grad, grad, rtol=0, atol=1e-5 * grad.abs().max().item())
+    save_teacher(den.backbone, scheduler, str(tmp_path / "t"))
+    loaded, _ = load_teacher(str(tmp_path / "t"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), den.backbone.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.parameters()))  # no step was taken
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
