@@ -30,8 +30,8 @@ import torch
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
 from data import load_splits, save_grid, to_uint8
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
-from metrics import (class_accuracy, extract, feature_extractor, high_frequency_share, is_teacher_ddim, scores,
-                     train_classifier)
+from metrics import (Reference, class_accuracy, extract, feature_extractor, high_frequency_share, is_teacher_ddim,
+                     scores, train_classifier)
 from checkpoints import default_teacher, open_teacher, student_timesteps, weights_hash, write_model_card
 from models import check_guidance
 from recipes import default_guidance, grid_columns
@@ -103,7 +103,7 @@ def main():
         return
     fe, layer, label, rgb = feature_extractor(args.feature_extractor, clf_dir, args.inception_weights, args.device)
     x_ref = torch.stack([real_test[i][0] for i in range(n_ref)])
-    f_ref = extract(fe, layer, x_ref, rgb, args.device)
+    ref = Reference(extract(fe, layer, x_ref, rgb, args.device))  # scored against by every row
     N, R = args.num_samples, args.repeats
     setup = dict(teacher_hash=weights_hash(teacher), feature_extractor=label, reference=reference, num_samples=N,
                  repeats=R, evaluation_seeds=seeds, batch_size=args.batch_size, device=describe_device(args.device),
@@ -138,7 +138,7 @@ def main():
         for r in range(R):
             images, labels, sec = images_of(range(r * N, (r + 1) * N))
             seconds += sec[1:] or sec
-            m = scores(extract(fe, layer, images, rgb, args.device), f_ref)
+            m = scores(extract(fe, layer, images, rgb, args.device), ref)
             m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
             m["hf_share"] = high_frequency_share(images.clamp(-1, 1))
             per_repeat.append(m)

@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch_fidelity
+from torch_fidelity.metric_prc import prc_features_to_metric
 from conftest import read_json, run
 
 import evaluate
@@ -162,6 +163,21 @@ def test_scores_known_cases():
     assert far["precision"] == 0 and far["recall"] == 0 and far["kid"] > 1000 * shifted["kid"]
     half = metrics.scores(torch.cat([a[:150], a[150:] + 50]), a)  # half the samples on the data, half far away
     assert 0.45 <= half["precision"] <= 0.55 and half["recall"] > 0.4
+
+
+@pytest.mark.parametrize("block", [10000, 64])
+def test_precision_recall_is_torch_fidelitys(monkeypatch, block):
+    """scores() computes precision and recall on a Reference's cached radii: the same numbers as torch-fidelity's
+    prc_features_to_metric, also when the distances are computed in blocks (64 rows here)."""
+    monkeypatch.setattr(metrics, "PRC_BATCH", block)
+    torch.manual_seed(0)
+    real, fake = torch.randn(500, 16), torch.randn(300, 16) + 0.6
+    ref = metrics.Reference(real)
+    expected = prc_features_to_metric(fake, real, save_cpu_ram=True, prc_batch_size=block, verbose=False)
+    got = metrics.scores(fake, ref)
+    assert 0.2 < expected["precision"] < 0.9 and 0.2 < expected["recall"] < 0.9  # neither end: a real test
+    assert (got["precision"], got["recall"]) == (expected["precision"], expected["recall"])
+    assert got == metrics.scores(fake, real)  # a tensor is made a Reference
 
 
 def test_classifier_is_the_same_on_every_run(tmp_path):
