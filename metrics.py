@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch.utils.data import DataLoader, Dataset
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.metric_prc import calc_cdist_part
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
@@ -28,7 +29,7 @@ from files import EVAL, load_json, save_folder
 from sampling import balanced_labels, sample_generator, seeded_noise
 
 CLASSIFIER_FEATURES = "dmd-classifier"
-PRC_BATCH = 10000  # torch-fidelity's prc_batch_size default: rows per distance block
+PRC_BATCH = DEFAULTS["prc_batch_size"]  # torch-fidelity's rows (and columns) per distance block
 
 
 class Classifier(ModelMixin, ConfigMixin):
@@ -110,7 +111,7 @@ def train_classifier(train, test, folder, num_classes, seed=0, epochs=8, dataset
     labelled = num_classes > 0
     torch.manual_seed(seed)  # its initial weights: else each run gets another feature space, so another FID scale
     net = Classifier(in_channels=train[0][0].shape[0], num_outputs=num_classes if labelled else 4)
-    net.to(memory_format=torch.channels_last)  # its training steps ran 0.65x the time on CPU (oneDNN; docs/RESULTS.md)
+    net.to(memory_format=torch.channels_last)  # its training steps took 0.64-0.69x the time on CPU (oneDNN; docs/RESULTS.md)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     loader = DataLoader(train, batch_size=128, shuffle=True, generator=gen)
@@ -122,7 +123,7 @@ def train_classifier(train, test, folder, num_classes, seed=0, epochs=8, dataset
             opt.zero_grad()
             loss.backward()
             opt.step()
-    net.eval()
+    net.eval().to(memory_format=torch.contiguous_format)  # scored, saved and used in the layout it is loaded in
     correct = n = 0
     with torch.no_grad():
         for x, y in DataLoader(test, batch_size=256):
@@ -185,7 +186,8 @@ class Reference:
     """The real features every row of a report is scored against, with what depends on them alone computed once:
     FID's mean and covariance, and each real sample's distance to its k-th nearest real neighbour (the radius of its
     ball in precision). torch-fidelity's prc_features_to_metric recomputes those radii on every call: against
-    10,000 real features that was 2.0 of its 2.2 s (1 thread), about 30 s over the yardstick's 15 rows."""
+    10,000 real features that was 2.05 of its 2.24 s (1 thread), so about 30 s over the yardstick's 15 rows (an
+    estimate from that call's time; the library takes no precomputed radii)."""
 
     def __init__(self, features, k=3):
         self.features, self.k = features, k
@@ -196,12 +198,13 @@ class Reference:
 def kth_neighbour_distance(f, k):
     """Each row's distance to its k-th nearest other row, as torch-fidelity computes it (its cdist, k + 1 counting
     the row itself)."""
-    return torch.cat([calc_cdist_part(part, f).kthvalue(k + 1).values for part in f.split(PRC_BATCH)])
+    return torch.cat([calc_cdist_part(part, f, PRC_BATCH).kthvalue(k + 1).values for part in f.split(PRC_BATCH)])
 
 
 def inside_any_ball(f, centres, radii):
     """Share of the rows of f within radius[j] of some centres[j] (Kynkäänniemi et al., 2019)."""
-    return torch.cat([(calc_cdist_part(part, centres) <= radii).any(dim=1).float() for part in f.split(PRC_BATCH)])
+    return torch.cat([(calc_cdist_part(part, centres, PRC_BATCH) <= radii).any(dim=1).float()
+                      for part in f.split(PRC_BATCH)])
 
 
 def scores(f, ref):

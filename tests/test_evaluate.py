@@ -166,12 +166,17 @@ def test_scores_known_cases():
 
 
 @pytest.mark.parametrize("block", [10000, 64])
-def test_precision_recall_is_torch_fidelitys(monkeypatch, block):
+@pytest.mark.parametrize("kind", ["gaussian", "grid"])
+def test_precision_recall_is_torch_fidelitys(monkeypatch, block, kind):
     """scores() computes precision and recall on a Reference's cached radii: the same numbers as torch-fidelity's
-    prc_features_to_metric, also when the distances are computed in blocks (64 rows here)."""
+    prc_features_to_metric, also when the distances are computed in blocks (64 rows here), and on integer features
+    whose distances tie with the radii (a ball includes its boundary)."""
     monkeypatch.setattr(metrics, "PRC_BATCH", block)
     torch.manual_seed(0)
-    real, fake = torch.randn(500, 16), torch.randn(300, 16) + 0.6
+    if kind == "gaussian":
+        real, fake = torch.randn(500, 16), torch.randn(300, 16) + 0.6
+    else:
+        real, fake = torch.randint(0, 4, (500, 4)).float(), torch.randint(1, 5, (300, 4)).float()
     ref = metrics.Reference(real)
     expected = prc_features_to_metric(fake, real, save_cpu_ram=True, prc_batch_size=block, verbose=False)
     got = metrics.scores(fake, ref)

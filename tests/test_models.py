@@ -78,11 +78,13 @@ def test_contextunet_runs_channels_last_with_the_same_outputs_and_weights(tmp_pa
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     out.square().sum().backward()
     expected.square().sum().backward()
-    grad = reference.down1[0].conv1[0].weight.grad
-    torch.testing.assert_close(conv.grad, grad, rtol=0, atol=1e-5 * grad.abs().max().item())
+    scale = max(q.grad.abs().max().item() for q in reference.parameters())  # (a conv's bias before BatchNorm has a
+    for (name, p), q in zip(den.backbone.named_parameters(), reference.parameters()):  # gradient of rounding noise)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5 * scale, msg=name)  # every layer, ConvTranspose too
     save_teacher(den.backbone, scheduler, str(tmp_path / "t"))
     loaded, _ = load_teacher(str(tmp_path / "t"))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), den.backbone.state_dict().values()))
+    saved, kept = loaded.state_dict(), den.backbone.state_dict()
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.parameters()))  # no step was taken
 
 
