@@ -10,10 +10,10 @@ Noise seeds are held out: they never overlap the pairs' (the student was trained
 probe's, and every row uses the same seeds, labels and number of samples. A `real` row (real training images against
 the same reference) is the metric's floor. The teacher is scored over a grid of DDIM step counts x guidance scales, and
 a student is read against the BEST of those rows (its "gap closed"), not against the teacher at the student's own
-guidance. FID, KID, precision and recall come from torch-fidelity (precision and recall on radii cached by
-metrics.Reference) on Inception
-features where those weights can be had, else on the features of a classifier trained here on the real training
-data (cached in <run-dir>/classifier/); the report names the extractor, and the two kinds are never comparable.
+guidance. FID, KID, precision and recall come from torch-fidelity (precision and recall on the real set's radii,
+cached by metrics.Reference) on Inception features where those weights can be had, else on the features of a
+classifier trained here on the real training data (cached in <run-dir>/classifier/); the report names the extractor,
+and the two kinds are never comparable.
 Writes report.json, report.md (table), grid.png (one row per model, same seeds) and fid_vs_nfe.png, all of them only
 once every row has been measured: a failed or interrupted evaluation leaves the previous report as it was.
 """

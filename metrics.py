@@ -292,14 +292,15 @@ class Probe:
         self.device, self.timesteps, self.num_samples = device, timesteps, num_samples
         x_real = torch.stack([real[i][0] for i in range(min(len(real), 10000))])
         f_real = extract(self.fe, self.layer, x_real, False, device)
-        self.ref, self.prc_ref = fid_features_to_statistics(f_real.double()), Reference(f_real[:1000])
+        self.fid_statistics = fid_features_to_statistics(f_real.double())  # FID against all of them (up to 10,000)
+        self.prc_ref = Reference(f_real[:1000])  # precision and recall against the first 1,000
         self.noise = seeded_noise(range(num_samples), shape, seed, len(timesteps))
         self.y = balanced_labels(range(num_samples), num_classes)
         self.gap_reference = None
 
     def fid(self, x, features=None):
         f = extract(self.fe, self.layer, x, False, self.device) if features is None else features
-        return float(fid_statistics_to_metric(fid_features_to_statistics(f.double()), self.ref,
+        return float(fid_statistics_to_metric(fid_features_to_statistics(f.double()), self.fid_statistics,
                                               False)["frechet_inception_distance"])
 
     def batches(self, make):
