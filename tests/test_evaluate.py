@@ -106,6 +106,12 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert again["reused_rows"] == [n for n in rows if not n.startswith("student")]
     assert again["rows"][:-2] == report["rows"][:-2]  # the students are scored again: same numbers, new timings
     assert [r["fid"] for r in again["rows"][-2:]] == [r["fid"] for r in report["rows"][-2:]]
+    # ... also in a copy of the run folder elsewhere (same teacher and classifier, by content): a seed sweep's folder
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(d, moved, symlinks=True)
+    run("evaluate.py", "--fid", "--run-dir", moved, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
+        "--ddim-steps", "1", "--rows", "real,teacher")
+    assert read_json(moved / "eval" / "report.json")["reused_rows"] == [n for n in rows if n.startswith(("real", "teacher"))]
     # distill.py's probe now reads its gap against the teacher's best row of that report, measured on its own scale
     run("distill.py", "--run-dir", d, "--steps", 1, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--lr", 1e-3,
         "--probe-every", 1, "--probe-samples", 20, "--overwrite")
