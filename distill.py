@@ -100,6 +100,8 @@ def parse_args():
         raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     if args.t_min >= args.t_max or args.t_max > 1:
         raise UserError(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
+    if args.guidance_t_max > 1:
+        raise UserError(f"--guidance-t-max {args.guidance_t_max}: a fraction of T, at most 1 (1 = guidance at every t)")
     if args.gan_t_max > 1:
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
     if args.backward_simulation and args.generator_steps == 1:

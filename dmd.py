@@ -39,6 +39,7 @@ class StepConfig:
     reg_weight: float = 0.25
     t_min: float = 0.02
     t_max: float = 0.98
+    guidance_t_max: float = 1.0  # µreal guided only at t <= this x T; unguided above (1 = everywhere, DMD2)
     fake_loss: str = "native"
     gan_weight: float = 0.0
     gan_disc_weight: float = 1e-2
@@ -74,6 +75,7 @@ def add_arguments(p):
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")
     p.add_argument("--t-min", type=number(float, 0, inclusive=True), default=C.t_min, help="DM loss t range, as a fraction of T (DMD2: 0.02)")
     p.add_argument("--t-max", type=number(float, 0), default=C.t_max, help="DM loss t range upper end (DMD2: 0.98)")
+    p.add_argument("--guidance-t-max", type=number(float, 0), default=C.guidance_t_max, help="µreal's guidance only at t <= this x T, the conditional teacher unguided above it (1 = at every t, DMD2); guidance at the noisiest inputs costs diversity (Kynkäänniemi et al. 2024, guidance in a limited interval)")
     p.add_argument("--fake-loss", default=C.fake_loss, choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
     p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=C.gan_weight, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
     p.add_argument("--gan-disc-weight", type=number(float, 0, inclusive=True), default=C.gan_disc_weight, help="weight of the head's loss in µfake's update (DMD2: 1e-2)")
@@ -252,14 +254,14 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
             with record_function("µreal and µfake score G's images, gradient through x_t (SiD)"), \
                     frozen(nets.mu_real), frozen(nets.mu_fake):
                 x_t = nets.net_g.add_noise(x, b.eps_dm, b.t_dm)
-                f_phi = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided, as DMD's real score
+                f_phi = nets.mu_real.x0(x_t, b.t_dm, b.y, real_guidance(nets, b, cfg))  # guided, as DMD's real score
                 f_psi = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
             f_stats = {}  # f-distill weighs DMD's gradient only (distill.py refuses --divergence with SiD)
             loss_dm, w = sid_loss(x.float(), f_phi.float(), f_psi.float(), cfg.sid_alpha)
         else:
             with record_function("µreal and µfake score G's images"), torch.no_grad():
                 x_t = nets.net_g.add_noise(x.detach(), b.eps_dm, b.t_dm)
-                p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, cfg.guidance)  # guided: the real score
+                p_real = nets.mu_real.x0(x_t, b.t_dm, b.y, real_guidance(nets, b, cfg))  # guided: the real score
                 p_fake = nets.mu_fake.x0(x_t, b.t_dm, b.y)  # never guided
             h, f_stats = (None, {}) if cfg.divergence == "reverse-kl" else f_weights(nets, x_t, b, cfg, accelerator)
             loss_dm, w = dm_loss(x.float(), p_real.float(), p_fake.float(), h)
@@ -283,6 +285,15 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
     if cfg.gan_weight > 0:
         stats["loss_gan"] = loss_gan.item()
     return x.detach(), stats
+
+
+def real_guidance(nets, b, cfg):
+    """µreal's guidance scale for each sample of the DM loss: cfg.guidance where t_dm <= guidance_t_max x T, none
+    (1) above it, where the noisy input says little beyond its class and guidance pulls every sample toward the
+    class's mode."""
+    if cfg.guidance_t_max >= 1:
+        return cfg.guidance
+    return torch.where(b.t_dm <= cfg.guidance_t_max * nets.mu_real.T, cfg.guidance, 1.0)
 
 
 @torch.no_grad()

@@ -192,13 +192,14 @@ class Denoiser(nn.Module):
         return captured[0]
 
     def guided(self, x_t, t, y=None, s=1.0):
-        """Classifier-free guidance on the raw output, out_u + s (out_c - out_u); s = 1 means none.
-        x̂0 is affine in the output for fixed (x_t, t), so this is the same as guiding x̂0."""
-        if s == 1.0 or self.null_label is None:
+        """Classifier-free guidance on the raw output, out_u + s (out_c - out_u); s = 1 means none. s is a number or a
+        (B,) tensor, one scale per sample. x̂0 is affine in the output for fixed (x_t, t): the same as guiding x̂0."""
+        if (not torch.is_tensor(s) and s == 1.0) or self.null_label is None:
             return self(x_t, t, y, for_x0=True)
         null = torch.full_like(y, self.null_label)
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         out_c, out_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]), for_x0=True).chunk(2)
+        s = s.view(-1, *[1] * (x_t.dim() - 1)).to(out_c.dtype) if torch.is_tensor(s) else s
         return out_u + s * (out_c - out_u)
 
     def to_x0(self, x_t, t, out):

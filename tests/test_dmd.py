@@ -272,3 +272,25 @@ def test_k_step_warm_start_learns_every_step_from_the_pairs():
     g = weights(nets.net_g)
     stats, fake_stats = dmd.dmd_step(0, nets, opt_g, None, b, cfg, Accelerator(cpu=True))
     assert stats["loss_reg"] == pytest.approx(expected, rel=1e-5) and fake_stats == {} and changed(g, nets.net_g)
+
+
+@pytest.mark.parametrize("loss", ["dmd", "sid"])
+def test_mu_real_is_guided_only_inside_the_guidance_interval(loss):
+    """--guidance-t-max: the real score is the guided teacher at t <= t_max T and the plain conditional teacher above
+    it, sample by sample, in DMD's loss and SiD's; at 1 (the default) every t is guided, as before the flag."""
+    nets, (opt_g, _), args, _ = setup()
+    T = nets.net_g.T
+    args = dataclasses.replace(args, guidance_t_max=0.5, generator_loss=loss)
+    b = dmd.draw_batch(torch.Generator().manual_seed(0), 0, args, (1, 28, 28), 10, T)
+    b.t_dm = torch.tensor([0, T // 2, T // 2 + 1, T - 1])
+    s = dmd.real_guidance(nets, b, args)
+    assert s.tolist() == [2.0, 2.0, 1.0, 1.0] and dmd.real_guidance(nets, b, dataclasses.replace(args, guidance_t_max=1)) == 2.0
+    with torch.no_grad():  # one scale per sample: the guided teacher's rows where s = 2, the unguided one's where s = 1
+        x_t = torch.randn(4, 1, 28, 28)
+        mixed, guided, plain = (nets.mu_real.x0(x_t, b.t_dm, b.y, g) for g in (s, 2.0, 1.0))
+    assert not torch.allclose(guided, plain)
+    torch.testing.assert_close(mixed, torch.cat([guided[:2], plain[2:]]))
+    calls, x0 = [], nets.mu_real.x0
+    with mock.patch.object(nets.mu_real, "x0", side_effect=lambda *a: calls.append(a[3]) or x0(*a)):
+        dmd.generator_update(nets, opt_g, b, args, Accelerator(cpu=True))
+    assert len(calls) == 1 and torch.equal(calls[0], s)
