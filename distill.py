@@ -100,8 +100,9 @@ def parse_args():
         raise UserError(f"--guidance {args.guidance} needs a class-conditional teacher; {args.dataset} is unconditional: drop --guidance")
     if args.t_min >= args.t_max or args.t_max > 1:
         raise UserError(f"--t-min {args.t_min} / --t-max {args.t_max}: need 0 <= t-min < t-max <= 1")
-    if args.guidance_t_max > 1:
-        raise UserError(f"--guidance-t-max {args.guidance_t_max}: a fraction of T, at most 1 (1 = guidance at every t)")
+    if args.guidance_t_max > 1 or args.guidance_t_max <= args.t_min:
+        raise UserError(f"--guidance-t-max {args.guidance_t_max}: a fraction of T above --t-min {args.t_min} and at most 1 "
+                        f"(1 = guidance at every t; for none, --guidance 1)")
     if args.gan_t_max > 1:
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
     if args.backward_simulation and args.generator_steps == 1:
@@ -353,13 +354,14 @@ def check_method_inputs(args, T, real):
 
 
 def check_same_method(args, saved, out):
-    """--resume continues the run in `out`: the networks, their optimisers and the generator's loss must be the ones
-    it saved."""
+    """--resume continues the run in `out`: the networks, their optimisers, the generator's loss and µreal's score
+    must be the ones it saved."""
     for flag, now, then in (("--gan-weight > 0", args.gan_weight > 0, saved.get("gan_weight", 0) > 0),
                             ("--generator-loss", args.generator_loss, saved.get("generator_loss", "dmd")),
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
-                            ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0)):
+                            ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0),
+                            ("--guidance-t-max", args.guidance_t_max, saved.get("guidance_t_max", 1.0))):
         if now != then:
             raise UserError(f"cannot --resume {out} with {flag} = {now}: it was made with {then}; "
                             f"resume with its flags (config.json) or start again with --overwrite")

@@ -291,7 +291,7 @@ def real_guidance(nets, b, cfg):
     """µreal's guidance scale for each sample of the DM loss: cfg.guidance where t_dm <= guidance_t_max x T, none
     (1) above it, where the noisy input says little beyond its class and guidance pulls every sample toward the
     class's mode."""
-    if cfg.guidance_t_max >= 1:
+    if cfg.guidance_t_max >= 1 or cfg.guidance == 1:  # a number: guided() then skips the unguided pass where s = 1
         return cfg.guidance
     return torch.where(b.t_dm <= cfg.guidance_t_max * nets.mu_real.T, cfg.guidance, 1.0)
 

@@ -256,6 +256,9 @@ def test_sid_refuses_f_divergences_and_a_resume_of_another_loss(tmp_path):
     for saved in ({"generator_loss": "dmd"}, {}):
         with pytest.raises(UserError, match="cannot --resume dmd with --generator-loss = sid: it was made with dmd"):
             distill.check_same_method(args, saved, "dmd")
+    args.generator_loss, args.guidance_t_max = "dmd", 0.8  # µreal's guidance interval is the run's too
+    with pytest.raises(UserError, match="cannot --resume dmd with --guidance-t-max = 0.8: it was made with 1.0"):
+        distill.check_same_method(args, {}, "dmd")
 
 
 def test_k_step_warm_start_learns_every_step_from_the_pairs():
@@ -285,6 +288,7 @@ def test_mu_real_is_guided_only_inside_the_guidance_interval(loss):
     b.t_dm = torch.tensor([0, T // 2, T // 2 + 1, T - 1])
     s = dmd.real_guidance(nets, b, args)
     assert s.tolist() == [2.0, 2.0, 1.0, 1.0] and dmd.real_guidance(nets, b, dataclasses.replace(args, guidance_t_max=1)) == 2.0
+    assert dmd.real_guidance(nets, b, dataclasses.replace(args, guidance=1.0)) == 1.0  # unguided anyway: one pass
     with torch.no_grad():  # one scale per sample: the guided teacher's rows where s = 2, the unguided one's where s = 1
         x_t = torch.randn(4, 1, 28, 28)
         mixed, guided, plain = (nets.mu_real.x0(x_t, b.t_dm, b.y, g) for g in (s, 2.0, 1.0))

@@ -131,6 +131,7 @@ BAD = [  # the same, each run in this process (main() under cli.run, as the scri
     ("train_teacher.py", ["--run-dir", "{root}/good/..", "--data-dir", "{root}/nowhere"], "does not exist"),
     ("evaluate.py", ["--fid", "--run-dir", "{root}/good", "--seed", 0], "overlap the pairs' seeds 0..47"),
     ("distill.py", ["--run-dir", "{root}/good", "--backward-simulation", "--overwrite"], "needs a K-step generator"),
+    ("distill.py", ["--run-dir", "{root}/good", "--guidance-t-max", 0.01, "--overwrite"], "--guidance-t-max 0.01: a fraction of T above --t-min"),
     ("distill.py", ["--run-dir", "{root}/good", "--generator-steps", 3, "--batch-size", 4, "--overwrite"], "does not divide the teacher's 400"),
     ("distill.py", ["--run-dir", "{root}/good", "--gan-weight", 1e-2, "--batch-size", 4, "--resume", "--steps", 2], "it was made with False"),
     ("precompute.py", ["--teacher", "{root}/no_null", "--guidance", 2, "--run-dir", "{root}/x"], "has none: drop --guidance"),
