@@ -106,9 +106,9 @@ def main():
     x_ref = torch.stack([real_test[i][0] for i in range(n_ref)])
     ref = Reference(extract(fe, layer, x_ref, rgb, args.device))  # scored against by every row
     N, R = args.num_samples, args.repeats
-    # what the rows' numbers depend on, by content (hashes), not by folder: a run folder moved or copied (a seed sweep
-    # beside the demo's) reuses its teacher rows
-    setup = dict(teacher_hash=weights_hash(teacher), feature_extractor=label.split(" (")[0], reference=reference, num_samples=N,
+    # what the rows' numbers depend on, by content, not by folder: the extractor by its layer (the classifier by its
+    # hash below), so a run folder moved or copied (a seed sweep beside the demo's) reuses its teacher rows
+    setup = dict(teacher_hash=weights_hash(teacher), feature_extractor=layer, reference=reference, num_samples=N,
                  repeats=R, evaluation_seeds=seeds, batch_size=args.batch_size, device=describe_device(args.device),
                  classifier_hash=weights_hash(clf_dir) if os.path.isdir(clf_dir) else None,
                  reference_hash=hashlib.sha256(to_uint8(x_ref).numpy().tobytes()).hexdigest()[:16],
