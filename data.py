@@ -214,15 +214,17 @@ def shard_ok(folder, k, meta):
     """A shard exists, is complete (safetensors checks the header against the file size) and has the right shapes."""
     try:
         with safe_open(shard_path(folder, k), "pt") as f:
-            n = shard_size(meta, k)
+            n, state_ts = shard_size(meta, k), meta.get("state_timesteps")
             return (list(f.get_slice("noise").get_shape()) == [n, *meta["shape"]]
-                    and list(f.get_slice("image").get_shape()) == [n, *meta["shape"]])
+                    and list(f.get_slice("image").get_shape()) == [n, *meta["shape"]]
+                    and (not state_ts or list(f.get_slice("states").get_shape()) == [n, len(state_ts), *meta["shape"]]))
     except Exception:  # missing, truncated or not a safetensors file
         return False
 
 
 def load_pairs(folder):
-    """All pairs in a folder as (meta, noise, image, label-or-None), checking every shard."""
+    """All pairs in a folder as (meta, noise, image, label-or-None, states-or-None), checking every shard; states are the
+    teacher's DDIM states at meta["state_timesteps"], (N, K-1, C, H, W), where precompute.py kept them."""
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.isfile(meta_path):
         raise UserError(f"no pairs in {folder} (meta.json missing): run `python precompute.py` first or pass --pairs FOLDER")
@@ -234,4 +236,4 @@ def load_pairs(folder):
                 f"with the same arguments to remake it")
         parts.append(load_file(shard_path(folder, k)))
     cat = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-    return meta, cat["noise"], cat["image"], cat.get("label")
+    return meta, cat["noise"], cat["image"], cat.get("label"), cat.get("states")

@@ -105,6 +105,10 @@ def parse_args():
                         f"(1 = guidance at every t; for none, --guidance 1)")
     if args.gan_t_max > 1:
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
+    if args.reg_step_inputs == "teacher" and (args.generator_steps == 1 or args.reg_weight == 0 or args.dm_weight > 0
+                                              or args.gan_weight > 0):
+        raise UserError("--reg-step-inputs teacher sets the inputs of a K-step warm start's regression: it needs "
+                        "--generator-steps K > 1 and the regression alone (--reg-weight > 0 --dm-weight 0 --gan-weight 0)")
     if args.backward_simulation and args.generator_steps == 1:
         raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
     if args.divergence != "reverse-kl" and args.generator_loss == "sid":
@@ -137,7 +141,7 @@ def main():
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
     if args.generator_init and not args.resume:
         init_generator(net_g, args.generator_init, weights_hash(args.teacher))
-    meta, pairs = read_pairs(args) if args.pairs else ({}, None)
+    meta, pairs = read_pairs(args, T) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
     check_method_inputs(args, T, real)
@@ -361,15 +365,17 @@ def check_same_method(args, saved, out):
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0),
-                            ("--guidance-t-max", args.guidance_t_max, saved.get("guidance_t_max", 1.0))):
+                            ("--guidance-t-max", args.guidance_t_max, saved.get("guidance_t_max", 1.0)),
+                            ("--reg-step-inputs", args.reg_step_inputs, saved.get("reg_step_inputs", "noised"))):
         if now != then:
             raise UserError(f"cannot --resume {out} with {flag} = {now}: it was made with {then}; "
                             f"resume with its flags (config.json) or start again with --overwrite")
 
 
-def read_pairs(args):
-    """The pairs' meta and (noise, image, labels), after checking they were made by this teacher with this guidance."""
-    meta, z_pairs, x_pairs, y_pairs = load_pairs(args.pairs)
+def read_pairs(args, T):
+    """The pairs' meta and (noise, image, labels, states), after checking they were made by this teacher with this
+    guidance (and, for --reg-step-inputs teacher, with the states at this K-step generator's timesteps)."""
+    meta, z_pairs, x_pairs, y_pairs, s_pairs = load_pairs(args.pairs)
     teacher_hash = weights_hash(args.teacher)
     if meta["teacher_hash"] != teacher_hash:
         raise UserError(f"pairs in {args.pairs} were made by another teacher ({meta['teacher']}, hash {meta['teacher_hash']}; "
@@ -377,9 +383,15 @@ def read_pairs(args):
     if meta["guidance"] != args.guidance and args.dm_weight > 0:  # regression alone reads no µreal
         raise UserError(f"pairs in {args.pairs} were made with guidance {meta['guidance']}, µreal would use {args.guidance}: "
                         f"pass --guidance {meta['guidance']} or remake the pairs")
+    if args.reg_step_inputs == "teacher":
+        wanted = generator_timesteps(T, args.generator_steps)[1:]
+        if meta.get("state_timesteps") != wanted:
+            raise UserError(f"--reg-step-inputs teacher needs the teacher's states at timesteps {wanted} with the pairs; "
+                            f"{args.pairs} has {meta.get('state_timesteps') or 'none'}: remake them with `python "
+                            f"precompute.py --generator-steps {args.generator_steps} --overwrite`")
     if len(z_pairs) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(z_pairs)} pairs: use a smaller batch or more pairs")
-    return meta, (z_pairs, x_pairs, y_pairs)
+    return meta, (z_pairs, x_pairs, y_pairs, s_pairs if args.reg_step_inputs == "teacher" else None)
 
 
 def init_generator(net_g, folder, teacher_hash):

@@ -46,6 +46,7 @@ class StepConfig:
     gan_t_max: float = 1.0
     generator_steps: int = 1
     backward_simulation: bool = False
+    reg_step_inputs: str = "noised"  # K-step regression: step k > 0's input, x_ref noised to t_k or the teacher's state
     grad_clip: float = 1.0
     divergence: str = "reverse-kl"
     ratio_min: float = 0.1
@@ -88,6 +89,11 @@ def add_arguments(p):
     p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=C.gan_t_max, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
     p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
+    p.add_argument("--reg-step-inputs", default=C.reg_step_inputs, choices=["noised", "teacher"],
+                   help="K-step regression (the warm start): step k > 0 learns to map x_ref noised to t_k with fresh "
+                        "noise (noised: the teacher's own denoising objective, whose answer at high t is a blur of the "
+                        "images it could be), or the teacher's DDIM state at t_k on the way to x_ref (teacher: a "
+                        "function, as step 0's z -> x_ref is; pairs from precompute.py --generator-steps K)")
     p.add_argument("--grad-clip", type=number(float, 0), default=C.grad_clip, help="max gradient norm, both networks")
     p.add_argument("--divergence", default=C.divergence, choices=list(F_DIVERGENCES),
                    help="the f-divergence the DM gradient minimises (f-distill): reverse-kl = DMD (mode-seeking); js, "
@@ -138,6 +144,7 @@ class Batch:
     z_ref: Optional[torch.Tensor] = None  # (B, C, H, W) a batch of precomputed pairs: noise,
     y_ref: Optional[torch.Tensor] = None  # label
     x_ref: Optional[torch.Tensor] = None  # and the teacher's image
+    s_ref: Optional[torch.Tensor] = None  # (B, K-1, C, H, W) the teacher's DDIM states at t_1..t_{K-1} toward x_ref
     k: Optional[torch.Tensor] = None  # (B,) K-step generator: each sample's step index
     eps_steps: Optional[torch.Tensor] = None  # (K-1, B, C, H, W) re-noising to steps 1..K-1 (backward simulation)
     x_real: Optional[torch.Tensor] = None  # (B, C, H, W) real training images (GAN head; K-step inputs without
@@ -150,7 +157,7 @@ def draw_batch(gen, step, cfg, shape, num_classes, T, pairs=None, real=None, ran
     """Every process draws the same GLOBAL batch from one generator `gen` and keeps the slice [rank::world], so N
     processes with batch B/N train exactly as one process with batch B, and resuming needs one generator state.
     Pairs and real images are visited in per-epoch permutations that are functions of (seed, epoch): resumable with
-    no state. `pairs` = (noise, image, labels or None) or None; `real` = a dataset of (image, label) or None."""
+    no state. `pairs` = (noise, image, labels or None, states or None) or None; `real` = a dataset of (image, label) or None."""
     Bg, mine = cfg.batch_size, slice(rank, None, world)
 
     def draw(x):
@@ -174,10 +181,11 @@ def draw_batch(gen, step, cfg, shape, num_classes, T, pairs=None, real=None, ran
         b.t_gan = draw(torch.randint(0, max(1, round(cfg.gan_t_max * T)), (Bg,), generator=gen))
         b.eps_gan = draw(torch.randn((Bg, 2, *shape), generator=gen)).transpose(0, 1)
     if pairs is not None:
-        z_pairs, x_pairs, y_pairs = pairs
+        z_pairs, x_pairs, y_pairs, s_pairs = pairs
         idx = visit(len(z_pairs), 0)
         b.z_ref, b.x_ref = z_pairs[idx].to(device), x_pairs[idx].to(device)
         b.y_ref = y_pairs[idx].to(device) if y_pairs is not None else None
+        b.s_ref = s_pairs[idx].to(device) if s_pairs is not None else None
     if real is not None:
         items = [real[int(i)] for i in visit(len(real), 10 ** 6)]
         b.x_real = torch.stack([x for x, _ in items]).to(device)
@@ -350,11 +358,15 @@ def regression_only(cfg):
 def regression_update(nets, opt_g, b, cfg, accelerator):
     """One netG update on the regression loss alone: G(z_ref, y_ref) toward the teacher's x_ref, every step (no µfake
     to keep up with). Cheaper than generator_update: neither the fresh batch nor µreal / µfake run. A K-step
-    generator learns each of its steps: z_ref -> x_ref at k = 0, and x_ref noised to t_k -> x_ref at k > 0 (the
-    teacher's own denoising objective on its samples), so that no step forgets how to denoise."""
+    generator learns each of its steps: z_ref -> x_ref at k = 0, and at k > 0 either x_ref noised to t_k -> x_ref
+    (the teacher's own denoising objective on its samples) or, with --reg-step-inputs teacher, the teacher's DDIM
+    state at t_k -> x_ref (the rest of the teacher's ODE, one-to-one like step 0's map)."""
     ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z_ref.device)
     x_in, t = b.z_ref, ts[0].expand(len(b.z_ref))
-    if cfg.generator_steps > 1:
+    if cfg.generator_steps > 1 and cfg.reg_step_inputs == "teacher":
+        state = b.s_ref[torch.arange(len(b.k)), (b.k - 1).clamp(min=0)]  # (rows with k = 0 take z_ref below)
+        x_in, t = torch.where((b.k == 0).view(-1, 1, 1, 1), b.z_ref, state), ts[b.k]
+    elif cfg.generator_steps > 1:
         x_in, t = noised_step_inputs(nets, b.z_ref, b.x_ref, b.z, b.k, ts)
     with record_function("netG forward"), accelerator.autocast():
         loss_reg = cfg.reg_weight * nets.regression(generator(nets, x_in, t, b.y_ref).float(), b.x_ref.float())

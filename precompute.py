@@ -7,6 +7,8 @@ Pair i uses noise seed seed+i and label i % 10 (MNIST), so it does not depend on
 count, and (z, x) is a function: the regression loss of distill.py is well posed. Shards are written
 atomically (write, then rename); a rerun skips finished shards, so an interrupted run loses at most
 the shard in progress. meta.json names the teacher (and a hash of its weights) and the sampler.
+With --generator-steps K, each pair also keeps the teacher's DDIM states x_t at the K-step generator's later
+timesteps (`states`), the inputs of distill.py's K-step warm start with --reg-step-inputs teacher.
 """
 import math
 import os
@@ -23,7 +25,7 @@ from files import PAIRS, atomic, load_json, write_json
 from checkpoints import default_teacher, open_teacher, weights_hash
 from metrics import required_best_teacher_row
 from recipes import PRESETS, grid_columns
-from sampling import balanced_labels, sample_teacher, seeded_noise
+from sampling import balanced_labels, ddim_scheduler, generator_timesteps, sample_teacher, seeded_noise
 
 
 def main():
@@ -36,6 +38,10 @@ def main():
     p.add_argument("--best-row", action="store_true",
                    help="the DDIM steps and guidance of the teacher's best row over steps x guidance, as `evaluate.py "
                         "--fid` measured this teacher in <run-dir>/eval/report.json: the pairs are the teacher at its best")
+    p.add_argument("--generator-steps", type=number(int, 0), default=1,
+                   help="K > 1: also keep the DDIM state x_t at the K-step generator's timesteps t_1..t_{K-1} (they must "
+                        "lie on the sampler's grid: DDIM steps a multiple of K), the K-step warm start's inputs "
+                        "(distill.py --reg-step-inputs teacher)")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
     p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
@@ -59,18 +65,26 @@ def main():
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
     den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device)
+    state_ts = generator_timesteps(den.T, args.generator_steps)[1:]  # none for K = 1
+    grid = [int(t) for t in ddim_scheduler(den, args.sampling_steps).timesteps]
+    if not set(state_ts) <= set(grid):
+        raise UserError(f"--generator-steps {args.generator_steps}: its timesteps {state_ts} are not all among "
+                        f"DDIM-{args.sampling_steps}'s: make the pairs with DDIM steps a multiple of "
+                        f"{args.generator_steps} (--sampling-steps), or drop --generator-steps")
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     meta = dict(dataset=args.dataset, teacher=source, teacher_hash=weights_hash(source),
                 prediction_type=den.prediction_type, sampler="ddim", eta=0.0, timestep_spacing="trailing",
                 sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed, num_pairs=args.num_pairs,
                 shard_size=args.shard_size, num_shards=n_shards, shape=list(den.shape), dtype="float32",
                 labels="i % num_classes" if den.num_classes else None, num_classes=den.num_classes)
+    if state_ts:
+        meta["state_timesteps"] = state_ts
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         old = load_json(meta_path)
-        diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size") if old.get(k) != meta[k]]
+        diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size", "state_timesteps") if old.get(k) != meta.get(k)]
         if diff and not args.overwrite:
-            raise UserError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta[k]}' for k in diff)}): "
+            raise UserError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta.get(k)}' for k in diff)}): "
                 f"pass --overwrite to replace them or use another --run-dir")
         if diff:
             accelerator.wait_for_everyone()
@@ -94,17 +108,22 @@ def main():
                disable=not accelerator.is_main_process or not todo)
     for k in mine:
         idx = list(range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_pairs)))
-        zs, xs = [], []
+        zs, xs, ss = [], [], []
         for i in range(0, len(idx), args.batch_size):
             batch = idx[i:i + args.batch_size]
             z = seeded_noise(batch, den.shape, args.seed)
             y = balanced_labels(batch, den.num_classes)
+            states = dict.fromkeys(state_ts)
             x = sample_teacher(den, z.to(accelerator.device), y.to(accelerator.device) if y is not None else None,
-                               args.sampling_steps, args.guidance)
+                               args.sampling_steps, args.guidance, states_at=states)
             zs.append(z)
             xs.append(x.float().cpu())
+            if state_ts:
+                ss.append(torch.stack([states[t] for t in state_ts], dim=1).float().cpu())
             bar.update(len(batch))
         shard = {"noise": torch.cat(zs).contiguous(), "image": torch.cat(xs).contiguous()}
+        if state_ts:
+            shard["states"] = torch.cat(ss).contiguous()  # (n, K-1, C, H, W): x_t at t_1 .. t_{K-1}
         if den.num_classes:
             shard["label"] = balanced_labels(idx, den.num_classes)
         with atomic(shard_path(out, k)) as tmp:

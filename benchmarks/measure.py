@@ -81,7 +81,7 @@ class DMDStep:
         self.opt_fake = torch.optim.AdamW(mu_fake.parameters(), 1e-6)
         self.pairs = None if self.args.reg_weight == 0 else (
             torch.randn(B, *self.shape), torch.rand(B, *self.shape) * 2 - 1,
-            torch.arange(B) % self.num_classes if self.num_classes else None)
+            torch.arange(B) % self.num_classes if self.num_classes else None, None)
         labels = torch.arange(2 * B) % self.num_classes if self.num_classes else torch.zeros(2 * B, dtype=torch.long)
         self.real = (torch.utils.data.TensorDataset(torch.rand(2 * B, *self.shape) * 2 - 1, labels)
                      if dmd.needs_real_images(self.args) else None)  # GAN head / K-step inputs: random "real" images

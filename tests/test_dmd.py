@@ -25,7 +25,7 @@ def setup(gen_every=1, seed=0):
     args = dmd.StepConfig(gen_every=gen_every, guidance=2.0, batch_size=4, seed=0)
     opts = torch.optim.AdamW(net_g.parameters(), 1e-3), torch.optim.AdamW(mu_fake.parameters(), 1e-3)
     n = 8
-    pairs = (torch.randn(n, 1, 28, 28), torch.rand(n, 1, 28, 28) * 2 - 1, torch.arange(n) % 10)
+    pairs = (torch.randn(n, 1, 28, 28), torch.rand(n, 1, 28, 28) * 2 - 1, torch.arange(n) % 10, None)
     return nets, opts, args, pairs
 
 
@@ -275,6 +275,23 @@ def test_k_step_warm_start_learns_every_step_from_the_pairs():
     g = weights(nets.net_g)
     stats, fake_stats = dmd.dmd_step(0, nets, opt_g, None, b, cfg, Accelerator(cpu=True))
     assert stats["loss_reg"] == pytest.approx(expected, rel=1e-5) and fake_stats == {} and changed(g, nets.net_g)
+
+
+def test_k_step_warm_start_on_the_teachers_states():
+    """--reg-step-inputs teacher: step k > 0 starts from the teacher's own DDIM state at t_k (the pairs' states[k-1])
+    and regresses to x_ref; step 0 still maps z_ref to x_ref."""
+    nets, (opt_g, _), _, (z, x, y, _) = setup()
+    states = torch.randn(len(z), 3, 1, 28, 28)
+    cfg = dmd.StepConfig(dm_weight=0, gan_weight=0, reg_weight=1, generator_steps=4, batch_size=8, seed=0,
+                         reg_step_inputs="teacher")
+    b = dmd.draw_batch(torch.Generator().manual_seed(3), 0, cfg, (1, 28, 28), 10, nets.net_g.T, (z, x, y, states))
+    assert 0 in b.k and bool((b.k > 0).any())
+    t = torch.as_tensor(generator_timesteps(nets.net_g.T, 4))[b.k]
+    x_in = torch.stack([b.z_ref[i] if k == 0 else b.s_ref[i, k - 1] for i, k in enumerate(b.k.tolist())])
+    with torch.no_grad():
+        expected = pseudo_huber(dmd.generator(nets, x_in, t, b.y_ref), b.x_ref).item()
+    stats, _ = dmd.dmd_step(0, nets, opt_g, None, b, cfg, Accelerator(cpu=True))
+    assert stats["loss_reg"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["dmd", "sid"])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from data import load_pairs
 from checkpoints import load_teacher
 from models import Denoiser
-from sampling import sample_teacher
+from sampling import ddim_scheduler, sample_teacher
 
 
 def make_pairs(run_dir, *extra, check=True):
@@ -22,8 +22,8 @@ def test_pairs_do_not_depend_on_batch_size(tmp_path):
     for name, bs in (("a", 3), ("b", 8)):
         tiny_teacher(tmp_path / name / "teacher", "mnist", "v_prediction")
         make_pairs(tmp_path / name, "--batch-size", bs)
-    _, za, xa, ya = load_pairs(str(tmp_path / "a" / "pairs"))
-    _, zb, xb, yb = load_pairs(str(tmp_path / "b" / "pairs"))
+    _, za, xa, ya, _ = load_pairs(str(tmp_path / "a" / "pairs"))
+    _, zb, xb, yb, _ = load_pairs(str(tmp_path / "b" / "pairs"))
     assert torch.equal(za, zb) and torch.equal(ya, yb)  # noise and labels: bit for bit
     # images: CPU kernels pick batch-size-dependent summation orders, so equal up to float rounding only
     torch.testing.assert_close(xa, xb, rtol=0, atol=1e-5)
@@ -50,7 +50,7 @@ def test_interrupted_run_completed_by_rerun_equals_uninterrupted(tmp_path):
 def test_pairs_are_ddim_from_their_noise_and_meta_is_complete(tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")
     make_pairs(tmp_path, "--guidance", 3, "--seed", 7)
-    meta, z, x, y = load_pairs(str(tmp_path / "pairs"))
+    meta, z, x, y, states = load_pairs(str(tmp_path / "pairs"))
     for key, value in dict(teacher=teacher, sampler="ddim", eta=0.0, sampling_steps=3, guidance=3.0, seed=7,
                            num_pairs=10, num_shards=3, shape=[1, 28, 28], prediction_type="v_prediction").items():
         assert meta[key] == value, key
@@ -58,6 +58,27 @@ def test_pairs_are_ddim_from_their_noise_and_meta_is_complete(tmp_path):
     assert torch.equal(z[5], torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(7 + 5)))
     den = Denoiser(*load_teacher(teacher))
     torch.testing.assert_close(sample_teacher(den, z[:4], y[:4], 3, 3.0), x[:4], rtol=0, atol=1e-5)
+
+
+def test_states_are_the_teachers_ddim_states_at_the_generators_timesteps(tmp_path):
+    """--generator-steps 4 on DDIM-8: each pair keeps x_t where the sampler reaches t = 299, 199, 99 (T = 400), the
+    state the DDIM step at that t starts from; the pairs themselves do not change."""
+    teacher = tiny_teacher(tmp_path / "a" / "teacher", "mnist", "v_prediction")
+    shutil.copytree(tmp_path / "a" / "teacher", tmp_path / "b" / "teacher")
+    for name, extra in (("a", ()), ("b", ("--generator-steps", 4))):
+        make_pairs(tmp_path / name, "--sampling-steps", 8, "--guidance", 2, *extra)
+    _, z, x, y, none = load_pairs(str(tmp_path / "a" / "pairs"))
+    meta, z_b, x_b, _, states = load_pairs(str(tmp_path / "b" / "pairs"))
+    assert none is None and torch.equal(z, z_b) and torch.equal(x, x_b)
+    assert meta["state_timesteps"] == [299, 199, 99] and states.shape == (10, 3, 1, 28, 28)
+    den = Denoiser(*load_teacher(teacher))
+    sched, x_t = ddim_scheduler(den, 8), z[:4]
+    for t in sched.timesteps:  # 399, 349, 299, ...: the state at 299 is the input after two steps
+        for j, t_state in enumerate(meta["state_timesteps"]):
+            if int(t) == t_state:
+                torch.testing.assert_close(states[:4, j], x_t, rtol=0, atol=1e-5)
+        x_t = sched.step(den.guided(x_t, t, y[:4], 2.0), t, x_t, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x_t, x[:4], rtol=0, atol=1e-5)  # and the same loop ends at the pairs' images
 
 
 def test_log_to_a_file_has_status_lines_not_redrawn_bars(tmp_path):
