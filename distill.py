@@ -141,11 +141,11 @@ def main():
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
     if args.generator_init and not args.resume:
         init_generator(net_g, args.generator_init, weights_hash(args.teacher))
+    timesteps = generator_timesteps(T, cfg.generator_steps)  # (refuses a K that does not divide T)
     meta, pairs = read_pairs(args, T) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
-    check_method_inputs(args, T, real)
-    timesteps = generator_timesteps(T, cfg.generator_steps)
+    check_real_images(args, real)
     # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c) if args.reg_weight > 0 else (None, "none")
     opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
@@ -346,12 +346,8 @@ def start_folder(out, args, config, step):
         os.remove(os.path.join(out, "summary.json"))
 
 
-def check_method_inputs(args, T, real):
-    """What the K-step generator and the real-image batch need from the teacher and the data."""
-    K = args.generator_steps
-    if T % K:
-        raise UserError(f"--generator-steps {K} does not divide the teacher's {T} timesteps, so the steps cannot be "
-                        f"evenly spaced from {T - 1}: pick a divisor of {T} (DMD2: 4 on T = 1000)")
+def check_real_images(args, real):
+    """The real-image batch needs that many images."""
     if real is not None and len(real) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(real)} real training images: "
                         f"use a smaller batch or more images")
@@ -387,8 +383,9 @@ def read_pairs(args, T):
         wanted = generator_timesteps(T, args.generator_steps)[1:]
         if meta.get("state_timesteps") != wanted:
             raise UserError(f"--reg-step-inputs teacher needs the teacher's states at timesteps {wanted} with the pairs; "
-                            f"{args.pairs} has {meta.get('state_timesteps') or 'none'}: remake them with `python "
-                            f"precompute.py --generator-steps {args.generator_steps} --overwrite`")
+                            f"{args.pairs} has {meta.get('state_timesteps') or 'none'}: remake them with the settings of "
+                            f"its meta.json (DDIM-{meta['sampling_steps']}, guidance {meta['guidance']:g}, a multiple of "
+                            f"{args.generator_steps} steps) and `precompute.py --generator-steps {args.generator_steps} --overwrite`")
     if len(z_pairs) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(z_pairs)} pairs: use a smaller batch or more pairs")
     return meta, (z_pairs, x_pairs, y_pairs, s_pairs if args.reg_step_inputs == "teacher" else None)

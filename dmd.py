@@ -93,7 +93,8 @@ def add_arguments(p):
                    help="K-step regression (the warm start): step k > 0 learns to map x_ref noised to t_k with fresh "
                         "noise (noised: the teacher's own denoising objective, whose answer at high t is a blur of the "
                         "images it could be), or the teacher's DDIM state at t_k on the way to x_ref (teacher: a "
-                        "function, as step 0's z -> x_ref is; pairs from precompute.py --generator-steps K)")
+                        "function, as step 0's z -> x_ref is; pairs from precompute.py --generator-steps K; the "
+                        "regression alone only: --dm-weight 0 --gan-weight 0)")
     p.add_argument("--grad-clip", type=number(float, 0), default=C.grad_clip, help="max gradient norm, both networks")
     p.add_argument("--divergence", default=C.divergence, choices=list(F_DIVERGENCES),
                    help="the f-divergence the DM gradient minimises (f-distill): reverse-kl = DMD (mode-seeking); js, "

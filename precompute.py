@@ -40,7 +40,7 @@ def main():
                         "--fid` measured this teacher in <run-dir>/eval/report.json: the pairs are the teacher at its best")
     p.add_argument("--generator-steps", type=number(int, 0), default=1,
                    help="K > 1: also keep the DDIM state x_t at the K-step generator's timesteps t_1..t_{K-1} (they must "
-                        "lie on the sampler's grid: DDIM steps a multiple of K), the K-step warm start's inputs "
+                        "lie on the sampler's grid: K divides the teacher's T, DDIM steps a multiple of K), the K-step warm start's inputs "
                         "(distill.py --reg-step-inputs teacher)")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
@@ -68,9 +68,10 @@ def main():
     state_ts = generator_timesteps(den.T, args.generator_steps)[1:]  # none for K = 1
     grid = [int(t) for t in ddim_scheduler(den, args.sampling_steps).timesteps]
     if not set(state_ts) <= set(grid):
+        fix = ("drop --best-row and pass --sampling-steps (a multiple of K) and --guidance" if args.best_row else
+               "pass --sampling-steps a multiple of K")
         raise UserError(f"--generator-steps {args.generator_steps}: its timesteps {state_ts} are not all among "
-                        f"DDIM-{args.sampling_steps}'s: make the pairs with DDIM steps a multiple of "
-                        f"{args.generator_steps} (--sampling-steps), or drop --generator-steps")
+                        f"DDIM-{args.sampling_steps}'s: {fix}, or drop --generator-steps")
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     meta = dict(dataset=args.dataset, teacher=source, teacher_hash=weights_hash(source),
                 prediction_type=den.prediction_type, sampler="ddim", eta=0.0, timestep_spacing="trailing",

@@ -71,6 +71,9 @@ def generator_timesteps(T, K):
     """The K-step generator's timesteps, evenly spaced from T-1: t_k = (K - k) (T // K) - 1, k = 0..K-1. DMD2's
     999, 749, 499, 249 for T = 1000 and K = 4; the same as diffusers' LCMScheduler with original_inference_steps K.
     K = 1: T-1, the one-step generator."""
+    if T % K:
+        raise cli.UserError(f"--generator-steps {K} does not divide the teacher's {T} timesteps, so the steps cannot be "
+                            f"evenly spaced from {T - 1}: pick a divisor of {T} (DMD2: 4 on T = 1000)")
     return [(K - k) * (T // K) - 1 for k in range(K)]
 
 

@@ -163,3 +163,18 @@ def test_regression_warm_start_then_dmd2_from_it(mnist_run, tmp_path):
     bad = run("distill.py", "--run-dir", other, "--generator-init", d / "kd" / "student", "--steps", 1, "--reg-weight",
               0, "--batch-size", 4, check=False, limit=60)
     assert bad.returncode == 2 and "was not distilled from this teacher" in bad.stderr
+
+
+def test_k_step_warm_start_on_the_teachers_states_end_to_end(tmp_path):
+    """precompute.py --generator-steps 2 keeps the states, distill.py --reg-step-inputs teacher trains on them (netG's
+    step-1 input is the pairs' state: without them the step could not run) and records it; a resume that would
+    switch to noised inputs is refused."""
+    tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")
+    run("precompute.py", "--run-dir", tmp_path, "--num-pairs", 8, "--sampling-steps", 2, "--generator-steps", 2)
+    kd = ["--run-dir", tmp_path, "--out", "kd", "--generator-steps", 2, "--dm-weight", 0, "--gan-weight", 0,
+          "--reg-weight", 1, "--probe-every", 0, "--ckpt-every", 1, *FAST]
+    run("distill.py", *kd, "--steps", 2, "--reg-step-inputs", "teacher")
+    assert read_json(tmp_path / "kd" / "config.json")["reg_step_inputs"] == "teacher"
+    assert len((tmp_path / "kd" / "stats.jsonl").read_text().splitlines()) == 2
+    bad = run("distill.py", *kd, "--steps", 3, "--resume", check=False, limit=60)
+    assert bad.returncode == 2 and "cannot --resume" in bad.stderr and "--reg-step-inputs" in bad.stderr

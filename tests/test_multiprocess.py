@@ -31,12 +31,13 @@ def torchrun(script, *args):
 def test_precompute_two_processes_equals_one(tmp_path):
     for name in ("one", "two"):
         tiny_teacher(tmp_path / name / "teacher", "mnist", "v_prediction")
-    args = ["--num-pairs", 12, "--shard-size", 3, "--sampling-steps", 2]
+    args = ["--num-pairs", 12, "--shard-size", 3, "--sampling-steps", 2, "--generator-steps", 2]  # + the states at 199
     run("precompute.py", "--run-dir", tmp_path / "one", *args)
     r = torchrun("precompute.py", "--run-dir", tmp_path / "two", *args)
     assert "2 processes" in r.stdout
     one, two = load_pairs(str(tmp_path / "one" / "pairs")), load_pairs(str(tmp_path / "two" / "pairs"))
-    for a, b in zip(one[1:4], two[1:4]):
+    assert one[0]["state_timesteps"] == [199]
+    for a, b in zip(one[1:], two[1:]):
         assert torch.equal(a, b)  # same shards, same batches: bit for bit on the CPU
 
 
