@@ -158,7 +158,8 @@ def draw_batch(gen, step, cfg, shape, num_classes, T, pairs=None, real=None, ran
     """Every process draws the same GLOBAL batch from one generator `gen` and keeps the slice [rank::world], so N
     processes with batch B/N train exactly as one process with batch B, and resuming needs one generator state.
     Pairs and real images are visited in per-epoch permutations that are functions of (seed, epoch): resumable with
-    no state. `pairs` = (noise, image, labels or None, states or None) or None; `real` = a dataset of (image, label) or None."""
+    no state. `pairs` = (noise, image, labels or None, states or None) or None; `real` = a dataset of (image, label)
+    or None."""
     Bg, mine = cfg.batch_size, slice(rank, None, world)
 
     def draw(x):
@@ -365,7 +366,7 @@ def regression_update(nets, opt_g, b, cfg, accelerator):
     ts = torch.as_tensor(generator_timesteps(nets.net_g.T, cfg.generator_steps), device=b.z_ref.device)
     x_in, t = b.z_ref, ts[0].expand(len(b.z_ref))
     if cfg.generator_steps > 1 and cfg.reg_step_inputs == "teacher":
-        state = b.s_ref[torch.arange(len(b.k)), (b.k - 1).clamp(min=0)]  # (rows with k = 0 take z_ref below)
+        state = b.s_ref[torch.arange(len(b.k), device=b.k.device), (b.k - 1).clamp(min=0)]  # (rows with k = 0 take z_ref below)
         x_in, t = torch.where((b.k == 0).view(-1, 1, 1, 1), b.z_ref, state), ts[b.k]
     elif cfg.generator_steps > 1:
         x_in, t = noised_step_inputs(nets, b.z_ref, b.x_ref, b.z, b.k, ts)

@@ -40,8 +40,8 @@ def main():
                         "--fid` measured this teacher in <run-dir>/eval/report.json: the pairs are the teacher at its best")
     p.add_argument("--generator-steps", type=number(int, 0), default=1,
                    help="K > 1: also keep the DDIM state x_t at the K-step generator's timesteps t_1..t_{K-1} (they must "
-                        "lie on the sampler's grid: K divides the teacher's T, DDIM steps a multiple of K), the K-step warm start's inputs "
-                        "(distill.py --reg-step-inputs teacher)")
+                        "lie on the sampler's grid: K divides the teacher's T, DDIM steps a multiple of K), the K-step "
+                        "warm start's inputs (distill.py --reg-step-inputs teacher)")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
     p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
