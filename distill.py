@@ -105,8 +105,7 @@ def parse_args():
                         f"(1 = guidance at every t; for none, --guidance 1)")
     if args.gan_t_max > 1:
         raise UserError(f"--gan-t-max {args.gan_t_max}: the GAN's noise range is a fraction of T, at most 1")
-    if args.reg_step_inputs == "teacher" and (args.generator_steps == 1 or args.reg_weight == 0 or args.dm_weight > 0
-                                              or args.gan_weight > 0):
+    if args.reg_step_inputs == "teacher" and (args.generator_steps == 1 or not dmd.regression_only(args)):
         raise UserError("--reg-step-inputs teacher sets the inputs of a K-step warm start's regression: it needs "
                         "--generator-steps K > 1 and the regression alone (--reg-weight > 0 --dm-weight 0 --gan-weight 0)")
     if args.backward_simulation and args.generator_steps == 1:
@@ -142,7 +141,7 @@ def main():
     if args.generator_init and not args.resume:
         init_generator(net_g, args.generator_init, weights_hash(args.teacher))
     timesteps = generator_timesteps(T, cfg.generator_steps)  # (refuses a K that does not divide T)
-    meta, pairs = read_pairs(args, T) if args.pairs else ({}, None)
+    meta, pairs = read_pairs(args, timesteps) if args.pairs else ({}, None)
     real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
     check_real_images(args, real)
@@ -368,7 +367,7 @@ def check_same_method(args, saved, out):
                             f"resume with its flags (config.json) or start again with --overwrite")
 
 
-def read_pairs(args, T):
+def read_pairs(args, timesteps):
     """The pairs' meta and (noise, image, labels, states), after checking they were made by this teacher with this
     guidance (and, for --reg-step-inputs teacher, with the states at this K-step generator's timesteps)."""
     meta, z_pairs, x_pairs, y_pairs, s_pairs = load_pairs(args.pairs)
@@ -380,7 +379,7 @@ def read_pairs(args, T):
         raise UserError(f"pairs in {args.pairs} were made with guidance {meta['guidance']}, µreal would use {args.guidance}: "
                         f"pass --guidance {meta['guidance']} or remake the pairs")
     if args.reg_step_inputs == "teacher":
-        wanted = generator_timesteps(T, args.generator_steps)[1:]
+        wanted = timesteps[1:]  # the states feed steps 1..K-1
         if meta.get("state_timesteps") != wanted:
             raise UserError(f"--reg-step-inputs teacher needs the teacher's states at timesteps {wanted} with the pairs; "
                             f"{args.pairs} has {meta.get('state_timesteps') or 'none'}: remake them with the settings of "
