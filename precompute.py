@@ -38,6 +38,9 @@ def main():
     p.add_argument("--best-row", action="store_true",
                    help="the DDIM steps and guidance of the teacher's best row over steps x guidance, as `evaluate.py "
                         "--fid` measured this teacher in <run-dir>/eval/report.json: the pairs are the teacher at its best")
+    p.add_argument("--guidance-t-max", type=number(float, 0), default=1.0,
+                   help="guidance only at the DDIM steps with t <= this x T, the conditional teacher unguided above (1 = "
+                        "every step): the pairs from the same teacher as distill.py --guidance-t-max's µreal")
     p.add_argument("--generator-steps", type=number(int, 0), default=1,
                    help="K > 1: also keep the DDIM state x_t at the K-step generator's timesteps t_1..t_{K-1} (they must "
                         "lie on the sampler's grid: K divides the teacher's T, DDIM steps a multiple of K), the K-step "
@@ -56,6 +59,8 @@ def main():
     if args.best_row and (args.sampling_steps or args.guidance is not None):
         raise UserError("--best-row takes the DDIM steps and guidance of the teacher's best row: drop --sampling-steps "
                         "and --guidance, or drop --best-row")
+    if args.guidance_t_max > 1:
+        raise UserError(f"--guidance-t-max {args.guidance_t_max}: a fraction of T, at most 1 (1 = guidance at every step)")
     args.sampling_steps = args.sampling_steps or 25
     if args.best_row:
         best = required_best_teacher_row(args.run_dir, weights_hash(source), "--best-row", "--sampling-steps and --guidance")
@@ -78,12 +83,14 @@ def main():
                 sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed, num_pairs=args.num_pairs,
                 shard_size=args.shard_size, num_shards=n_shards, shape=list(den.shape), dtype="float32",
                 labels="i % num_classes" if den.num_classes else None, num_classes=den.num_classes)
+    if args.guidance_t_max < 1:
+        meta["guidance_t_max"] = args.guidance_t_max
     if state_ts:
         meta["state_timesteps"] = state_ts
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         old = load_json(meta_path)
-        diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size", "state_timesteps") if old.get(k) != meta.get(k)]
+        diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size", "guidance_t_max", "state_timesteps") if old.get(k) != meta.get(k)]
         if diff and not args.overwrite:
             raise UserError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta.get(k)}' for k in diff)}): "
                 f"pass --overwrite to replace them or use another --run-dir")
@@ -116,7 +123,7 @@ def main():
             y = balanced_labels(batch, den.num_classes)
             states = dict.fromkeys(state_ts)
             x = sample_teacher(den, z.to(accelerator.device), y.to(accelerator.device) if y is not None else None,
-                               args.sampling_steps, args.guidance, states_at=states)
+                               args.sampling_steps, args.guidance, states_at=states, guidance_t_max=args.guidance_t_max)
             zs.append(z)
             xs.append(x.float().cpu())
             if state_ts:

@@ -18,12 +18,14 @@ GRID_SEED, PROBE_SEED, EVAL_SEED = 10 ** 6, 2 * 10 ** 6, 10 ** 7
 
 
 @torch.no_grad()
-def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=None, progress=False, states_at=None):
+def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=None, progress=False, states_at=None,
+                   guidance_t_max=1.0):
     """Multi-step sampling from x_T = z with diffusers' schedulers on the teacher's own schedule.
     DDIM (eta = 0, deterministic; "trailing" spacing so the first step is t = T-1, where x_T = z lives;
     x̂0 clipped to [-1, 1] as the scheduler config says, and ε̂ recomputed from the clipped x̂0)
     or full ancestral DDPM (`ddpm=True`, every one of the T steps; randomness from `generator`).
-    states_at: a dict {timestep: None} that gets, for each of its timesteps, the state x_t the step at t starts from."""
+    states_at: a dict {timestep: None} that gets, for each of its timesteps, the state x_t the step at t starts from.
+    guidance_t_max: guidance s only at the steps with t <= this x T, none above (distill.py's µreal has the same switch)."""
     if ddpm:
         sched = DDPMScheduler.from_config(denoiser.scheduler.config)
         sched.set_timesteps(denoiser.T)
@@ -33,7 +35,7 @@ def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=N
     for t in (cli.progress(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps):
         if states_at is not None and int(t) in states_at:
             states_at[int(t)] = x
-        out = denoiser.guided(x, t.to(z.device), y, s)
+        out = denoiser.guided(x, t.to(z.device), y, s if int(t) <= guidance_t_max * denoiser.T else 1.0)
         # use_clipped_model_output: with clip_sample, take ε̂ from the clipped x̂0, else guided steps diverge
         x = (sched.step(out, t, x, generator=generator) if ddpm else
              sched.step(out, t, x, eta=0.0, use_clipped_model_output=True)).prev_sample

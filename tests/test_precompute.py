@@ -81,6 +81,24 @@ def test_states_are_the_teachers_ddim_states_at_the_generators_timesteps(tmp_pat
     torch.testing.assert_close(x_t, x[:4], rtol=0, atol=1e-5)  # and the same loop ends at the pairs' images
 
 
+def test_guidance_t_max_guides_only_the_steps_at_or_below_it(tmp_path):
+    """--guidance-t-max 0.5 on DDIM-4 (t = 399, 299, 199, 99 of T = 400): the plain conditional teacher at 399 and 299,
+    guidance at 199 and 99, as distill.py's µreal with the same flag; the meta says so."""
+    teacher = tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")
+    # a large s: a tiny net barely reads y, and the test must tell the guided steps from the others
+    make_pairs(tmp_path, "--sampling-steps", 4, "--guidance", 100, "--guidance-t-max", 0.5)
+    meta, z, x, y, _ = load_pairs(str(tmp_path / "pairs"))
+    assert meta["guidance_t_max"] == 0.5
+    den = Denoiser(*load_teacher(teacher))
+    sched, x_t = ddim_scheduler(den, 4), z[:4]
+    for t in sched.timesteps:
+        s = 100.0 if int(t) <= 200 else 1.0
+        x_t = sched.step(den.guided(x_t, t, y[:4], s), t, x_t, eta=0.0, use_clipped_model_output=True).prev_sample
+    torch.testing.assert_close(x[:4], x_t, rtol=0, atol=1e-5)
+    for everywhere in (1.0, 100.0):  # neither the unguided nor the guided-everywhere sampler
+        assert (sample_teacher(den, z[:4], y[:4], 4, everywhere) - x[:4]).abs().max() > 1e-4  # 10x the atol above
+
+
 def test_log_to_a_file_has_status_lines_not_redrawn_bars(tmp_path):
     """stderr to a file (not a terminal): the progress bar is plain lines, no carriage-return redraws."""
     tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")

@@ -137,6 +137,8 @@ BAD = [  # the same, each run in this process (main() under cli.run, as the scri
                     "--overwrite"], "needs the teacher's states at timesteps [299, 199, 99] with the pairs; "),
     ("distill.py", ["--run-dir", "{root}/good", "--reg-step-inputs", "teacher", "--overwrite"], "needs --generator-steps K > 1"),
     ("distill.py", ["--run-dir", "{root}/good", "--guidance-t-max", 0.01, "--overwrite"], "--guidance-t-max 0.01: a fraction of T above --t-min"),
+    ("distill.py", ["--run-dir", "{root}/good", "--guidance-t-max", 0.8, "--overwrite"], "were guided at t <= 1 x T, µreal would be at t <= 0.8 x T"),
+    ("precompute.py", ["--run-dir", "{root}/good", "--guidance-t-max", 1.5], "--guidance-t-max 1.5: a fraction of T, at most 1"),
     ("distill.py", ["--run-dir", "{root}/good", "--generator-steps", 3, "--batch-size", 4, "--overwrite"], "does not divide the teacher's 400"),
     ("distill.py", ["--run-dir", "{root}/good", "--gan-weight", 1e-2, "--batch-size", 4, "--resume", "--steps", 2], "it was made with False"),
     ("precompute.py", ["--teacher", "{root}/no_null", "--guidance", 2, "--run-dir", "{root}/x"], "has none: drop --guidance"),
