@@ -359,6 +359,7 @@ def check_same_method(args, saved, out):
                             ("--generator-loss", args.generator_loss, saved.get("generator_loss", "dmd")),
                             ("--generator-steps", args.generator_steps, saved.get("generator_steps", 1)),
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
+                            ("--gan-features", args.gan_features, saved.get("gan_features", "fake")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0),
                             ("--guidance-t-max", args.guidance_t_max, saved.get("guidance_t_max", 1.0)),
                             ("--reg-step-inputs", args.reg_step_inputs, saved.get("reg_step_inputs", "noised"))):

@@ -44,6 +44,7 @@ class StepConfig:
     gan_weight: float = 0.0
     gan_disc_weight: float = 1e-2
     gan_t_max: float = 1.0
+    gan_features: str = "fake"  # the head reads µfake's features (DMD2) or the frozen teacher's (FastGen)
     generator_steps: int = 1
     backward_simulation: bool = False
     reg_step_inputs: str = "noised"  # K-step regression: step k > 0's input, x_ref noised to t_k or the teacher's state
@@ -86,6 +87,10 @@ def add_arguments(p):
                         "better on the CPU demo: docs/RESULTS.md), the first up block's 14x14 map (t, y and "
                         "layout; measured no better), or each of the down path's maps, 28x28 to 7x7, with a head "
                         "each (texture at full resolution; measured no better)")
+    p.add_argument("--gan-features", default=C.gan_features, choices=["fake", "teacher"],
+                   help="whose features of the noised image the GAN head reads (--gan-head-input picks which): µfake's "
+                        "(DMD2: one network, whose score learning the head's loss also shapes) or the frozen teacher's "
+                        "(FastGen: features that know real images and that the head's loss cannot move)")
     p.add_argument("--gan-t-max", type=number(float, 0, inclusive=True), default=C.gan_t_max, help="GAN inputs (real and G's) noised at t ~ U[0, this x T) (DMD2's diffusion GAN: 1); 0 = t = 0 only, the least noise the schedule has")
     p.add_argument("--generator-steps", type=number(int, 0), default=C.generator_steps, help="K: the generator's steps, at K timesteps evenly spaced from T-1 (DMD2: 4)")
     p.add_argument("--backward-simulation", action="store_true", help="K > 1: make step k's training input by running the current G from noise through steps 0..k-1 (DMD2), not by noising a real image")
@@ -245,6 +250,14 @@ def gan_inputs(nets, x, eps, b):
     return nets.mu_fake.add_noise(x, eps, b.t_gan)
 
 
+def realism(nets, mu_fake, x_t, t, y, cfg):
+    """The GAN head's logit for x_t (the head lives in µfake, `mu_fake` it or its data-parallel wrapper): on µfake's
+    features, or with --gan-features teacher on µreal's (frozen: only the head learns from the head's loss; netG's
+    gradient still flows through them to x_t)."""
+    features = nets.mu_real.bottleneck(x_t, t, y) if cfg.gan_features == "teacher" else None
+    return mu_fake(x_t, t, y, realism=True, features=features)
+
+
 def generator_update(nets, opt_g, b, cfg, accelerator):
     """One netG update: loss_G = loss_DM + λ_reg loss_reg + λ_GAN loss_GAN (docs/ALGORITHM.md, "Generator update");
     --generator-loss sid puts SiD's loss in loss_DM's place, and SiDA (with the GAN) halves it and the GAN term.
@@ -279,8 +292,8 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
         loss_gan = torch.zeros(())
         if cfg.gan_weight > 0:
             with record_function("µfake's head on G's images"), frozen(nets.mu_fake):
-                loss_gan = gan_generator_loss(nets.mu_fake(gan_inputs(nets, x, b.eps_gan[0], b), b.t_gan, b.y,
-                                                           realism=True).float())
+                loss_gan = gan_generator_loss(realism(nets, nets.mu_fake, gan_inputs(nets, x, b.eps_gan[0], b),
+                                                      b.t_gan, b.y, cfg).float())
         mix = 0.5 if sid and cfg.gan_weight > 0 else 1.0  # SiDA: 0.5 L_SiD + 0.5 λ_GAN L_GAN
         loss_g = mix * cfg.dm_weight * loss_dm + cfg.reg_weight * loss_reg + mix * cfg.gan_weight * loss_gan
     dm_key = "loss_sid" if sid else "loss_dm"  # SiD's loss is another quantity (it can be negative): another name
@@ -312,7 +325,7 @@ def f_weights(nets, x_t, b, cfg, accelerator):
     (one more head evaluation). The ratio's normalisation runs over the GLOBAL batch (gathered from every process),
     so N processes weigh as one. Returns (h of this process's samples, the numbers to log)."""
     with record_function("µfake's head on the DM loss's x_t (f-divergence)"):
-        logit = nets.mu_fake(x_t, b.t_dm, b.y, realism=True).float()
+        logit = realism(nets, nets.mu_fake, x_t, b.t_dm, b.y, cfg).float()
     h, r = f_divergence_weight(cfg.divergence, accelerator.gather(logit), accelerator.gather(b.t_dm), nets.mu_fake.T,
                                cfg.ratio_min, cfg.ratio_max, cfg.ratio_bins)
     stats = dict(r_mean=r.mean().item(), r_min=r.min().item(), r_max=r.max().item(),
@@ -335,7 +348,8 @@ def fake_score_update(nets, opt_fake, x, b, cfg, accelerator):
             with record_function("µfake's head on real and G's images"):
                 inputs = torch.cat([gan_inputs(nets, x, b.eps_gan[0], b), gan_inputs(nets, b.x_real, b.eps_gan[1], b)])
                 labels = torch.cat([b.y, b.y_real]) if b.y is not None else None
-                logit_fake, logit_real = nets.mu_fake_ddp(inputs, b.t_gan.repeat(2), labels, realism=True).float().chunk(2)
+                logit_fake, logit_real = realism(nets, nets.mu_fake_ddp, inputs, b.t_gan.repeat(2), labels,
+                                                 cfg).float().chunk(2)
                 loss_disc = gan_discriminator_loss(logit_fake, logit_real)
             loss = loss + cfg.gan_disc_weight * loss_disc
     check_finite(loss_fake=loss_fake, **({"loss_disc": loss_disc} if cfg.gan_weight > 0 else {}))

@@ -45,8 +45,8 @@ class DiscriminatorHead(nn.Module):
 class LevelHeads(nn.Module):
     """--gan-head-input levels: one DiscriminatorHead on each map of ContextUnet's down path (28x28, 14x14, 7x7), their
     logits summed, so texture is judged at the resolution it lives at (the 28x28 map) as well as layout (the 7x7
-    map): features at several levels of the network, the idea of FastGen's placement (here on µfake's trainable down
-    path, not the frozen teacher's)."""
+    map): features at several levels of the network, the idea of FastGen's placement (on µfake's trainable down path,
+    or with --gan-features teacher on the frozen teacher's, as FastGen)."""
 
     def __init__(self, channels, num_classes=0):
         super().__init__()
@@ -144,14 +144,15 @@ class Denoiser(nn.Module):
         self.num_classes, self.null_label = class_labels_of(backbone)
         self.shape = image_shape(backbone)
 
-    def forward(self, x_t, t, y=None, realism=False, for_x0=False):
+    def forward(self, x_t, t, y=None, realism=False, for_x0=False, features=None):
         """The backbone's raw output (ε, v or x0, by prediction_type); y = None or the null label = unconditional.
-        realism=True: the GAN head's logit on the bottleneck features instead (µfake only).
+        realism=True: the GAN head's logit on the bottleneck features instead (µfake only), or on `features` where
+        given (another network's bottleneck of the same x_t: --gan-features teacher).
         for_x0=True: the output will become x̂0. An ε-teacher's x̂0 multiplies ε̂'s error by √(1-ᾱ_t)/√ᾱ_t (157 at
         t = T-1 on CIFAR-10's schedule), so under bf16/fp16 autocast the samples where that factor exceeds 1 (ᾱ_t <
         1/2) are computed in float32; the others, and v- or sample-prediction teachers, keep the autocast dtype."""
         if realism:
-            return self.head(self.bottleneck(x_t, t, y), y)
+            return self.head(self.bottleneck(x_t, t, y) if features is None else features, y)
         device = x_t.device.type
         if not (for_x0 and self.prediction_type == "epsilon" and torch.is_autocast_enabled(device)):
             return self.raw(x_t, t, y)
@@ -243,7 +244,7 @@ def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="b
             channels, num_classes = bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0]
             head = (LevelHeads if isinstance(channels, tuple) else DiscriminatorHead)(channels, num_classes)
     mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head, head_input).eval().requires_grad_(True)
-    mu_real = Denoiser(backbone, scheduler).eval().requires_grad_(False)
+    mu_real = Denoiser(backbone, scheduler, head_input=head_input).eval().requires_grad_(False)  # its features: µfake's kind
     return net_g, mu_real, mu_fake
 
 

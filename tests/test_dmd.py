@@ -96,9 +96,10 @@ def dmd2_setup(K=1, backward_simulation=False, gan_weight=3e-3, seed=0, head_inp
     return nets, args, batch
 
 
-@pytest.mark.parametrize("head_input", ["bottleneck", "levels"])
-def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient(head_input):
+@pytest.mark.parametrize("head_input, features", [("bottleneck", "fake"), ("levels", "fake"), ("levels", "teacher")])
+def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient(head_input, features):
     nets, args, b = dmd2_setup(head_input=head_input)
+    args = dataclasses.replace(args, gan_features=features)
     opt_g, opt_fake = torch.optim.AdamW(nets.net_g.parameters(), 1e-3), torch.optim.AdamW(nets.mu_fake.parameters(), 1e-3)
     real, head = weights(nets.mu_real), weights(nets.mu_fake.head)
     # generator update: the GAN loss reaches G through µfake's head, and leaves no gradient on µfake or its head
@@ -114,7 +115,7 @@ def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient(head_
     # and D's mean probabilities on the real and on G's images (the head's logits just before the update)
     x, g_stats = dmd.generator_update(nets, opt_g, b, args, Accelerator(cpu=True))
     with torch.no_grad():
-        logit_fake, logit_real = (nets.mu_fake(dmd.gan_inputs(nets, images, eps, b), b.t_gan, y, realism=True)
+        logit_fake, logit_real = (dmd.realism(nets, nets.mu_fake, dmd.gan_inputs(nets, images, eps, b), b.t_gan, y, args)
                                   for images, eps, y in ((x, b.eps_gan[0], b.y), (b.x_real, b.eps_gan[1], b.y_real)))
     f_stats = dmd.fake_score_update(nets, opt_fake, x, b, args, Accelerator(cpu=True))
     assert changed(head, nets.mu_fake.head) and not changed(real, nets.mu_real) and "loss_gan" in g_stats
@@ -122,6 +123,24 @@ def test_gan_head_trains_on_its_loss_and_passes_the_generator_its_gradient(head_
     assert f_stats["loss_disc"] == pytest.approx((softplus(logit_fake) + softplus(-logit_real)).mean().item(), rel=1e-4)
     assert f_stats["d_real"] == pytest.approx(torch.sigmoid(logit_real).mean().item(), rel=1e-4)
     assert f_stats["d_fake"] == pytest.approx(torch.sigmoid(logit_fake).mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("features", ["fake", "teacher"])
+def test_the_heads_loss_moves_mu_fakes_score_only_on_mu_fakes_own_features(features):
+    """The same µfake update with and without the head's loss: on µfake's features (DMD2) the head's loss changes
+    µfake's backbone too; on the frozen teacher's (--gan-features teacher) it trains the head alone, and the backbone
+    learns from its denoising loss only, step for step the same."""
+    backbones = []
+    for disc_weight in (0.0, 1.0):
+        nets, args, b = dmd2_setup(head_input="down")
+        args = dataclasses.replace(args, gan_features=features, gan_disc_weight=disc_weight, grad_clip=1e9)  # no clip
+        x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1  # G's images stand-in
+        head = weights(nets.mu_fake.head)
+        dmd.fake_score_update(nets, torch.optim.SGD(nets.mu_fake.parameters(), 1e-2), x, b, args, Accelerator(cpu=True))
+        assert changed(head, nets.mu_fake.head) == (disc_weight > 0)
+        backbones.append(weights(nets.mu_fake.backbone))
+    same = all(torch.equal(backbones[0][k], backbones[1][k]) for k in backbones[0])
+    assert same == (features == "teacher")
 
 
 def test_backward_simulation_makes_inputs_at_the_chosen_timesteps():
