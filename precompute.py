@@ -90,7 +90,8 @@ def main():
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         old = load_json(meta_path)
-        diff = [k for k in PAIR_SETTINGS + ("num_pairs", "shard_size", "guidance_t_max", "state_timesteps") if old.get(k) != meta.get(k)]
+        settings = PAIR_SETTINGS + ("num_pairs", "shard_size", "guidance_t_max", "state_timesteps")
+        diff = [k for k in settings if old.get(k) != meta.get(k)]
         if diff and not args.overwrite:
             raise UserError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta.get(k)}' for k in diff)}): "
                 f"pass --overwrite to replace them or use another --run-dir")

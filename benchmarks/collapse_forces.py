@@ -84,8 +84,9 @@ def main():
             x_g = x.clone().requires_grad_(True)
             t_gan = torch.randint(0, max(1, round(config.get("gan_t_max", 1.0) * T)), (args.samples,), generator=gen)
             x_noised = mu_fake.add_noise(x_g, torch.randn(x.shape, generator=gen), t_gan)  # DMD2's diffusion GAN
-            features = mu_real.bottleneck(x_noised, t_gan, y) if config.get("gan_features") == "teacher" else None
-            logit = mu_fake(x_noised, t_gan, y, realism=True, features=features)  # --gan-features teacher: the teacher's
+            on_teacher = config.get("gan_features") == "teacher"  # --gan-features teacher: the head reads µreal's maps
+            logit = mu_fake(x_noised, t_gan, y, realism=True,
+                            features=mu_real.bottleneck(x_noised, t_gan, y) if on_teacher else None)
             loss = config["gan_weight"] * gan_generator_loss(logit) * args.samples
             rows.setdefault(("gan", 0), []).append(rate(x, torch.autograd.grad(loss, x_g)[0]))
 
