@@ -379,10 +379,11 @@ def read_pairs(args, timesteps):
     if meta["guidance"] != args.guidance and args.dm_weight > 0:  # regression alone reads no µreal
         raise UserError(f"pairs in {args.pairs} were made with guidance {meta['guidance']}, µreal would use {args.guidance}: "
                         f"pass --guidance {meta['guidance']} or remake the pairs")
-    if meta.get("guidance_t_max", 1.0) != args.guidance_t_max and args.dm_weight > 0:
-        raise UserError(f"pairs in {args.pairs} were guided at t <= {meta.get('guidance_t_max', 1.0):g} x T, µreal would "
-                        f"be at t <= {args.guidance_t_max:g} x T: pass --guidance-t-max {meta.get('guidance_t_max', 1.0):g} "
-                        f"or remake the pairs with precompute.py --guidance-t-max {args.guidance_t_max:g}")
+    made = meta.get("guidance_t_max", 1.0)  # pairs from before the flag: guided at every step
+    if made != args.guidance_t_max and args.dm_weight > 0:
+        raise UserError(f"pairs in {args.pairs} were guided at t <= {made:g} x T, µreal would be at t <= "
+                        f"{args.guidance_t_max:g} x T: pass --guidance-t-max {made:g} or remake the pairs with "
+                        f"precompute.py --guidance-t-max {args.guidance_t_max:g}")
     if args.reg_step_inputs == "teacher":
         wanted = timesteps[1:]  # the states feed steps 1..K-1
         if meta.get("state_timesteps") != wanted:

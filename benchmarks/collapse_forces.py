@@ -19,6 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's modules
+import dmd  # noqa: E402
 from checkpoints import open_teacher  # noqa: E402
 from files import DMD, STATE, load_json, load_state  # noqa: E402
 from losses import gan_generator_loss  # noqa: E402
@@ -84,9 +85,8 @@ def main():
             x_g = x.clone().requires_grad_(True)
             t_gan = torch.randint(0, max(1, round(config.get("gan_t_max", 1.0) * T)), (args.samples,), generator=gen)
             x_noised = mu_fake.add_noise(x_g, torch.randn(x.shape, generator=gen), t_gan)  # DMD2's diffusion GAN
-            on_teacher = config.get("gan_features") == "teacher"  # --gan-features teacher: the head reads µreal's maps
-            logit = mu_fake(x_noised, t_gan, y, realism=True,
-                            features=mu_real.bottleneck(x_noised, t_gan, y) if on_teacher else None)
+            logit = dmd.realism(dmd.Networks(net_g, mu_real, mu_fake, regression=None), mu_fake, x_noised, t_gan, y,
+                                dmd.StepConfig(gan_features=config.get("gan_features", "fake")))  # the run's head input
             loss = config["gan_weight"] * gan_generator_loss(logit) * args.samples
             rows.setdefault(("gan", 0), []).append(rate(x, torch.autograd.grad(loss, x_g)[0]))
 
