@@ -8,6 +8,7 @@ The step itself (draw a batch, update netG, update µfake) is in dmd.py; this fi
 logging, sample grids, the quality probe and checkpoints. docs/ALGORITHM.md has the equations.
 """
 import json
+import math
 import os
 import shutil
 import time
@@ -421,11 +422,16 @@ def plot_losses(out):
         rows = [json.loads(line) for line in f]
     keys = [k for k in ("loss_dm", "loss_sid", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
                         "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema", "probe_recall", "probe_gap") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
-    for ax, k in zip(axes, keys):
+    cols = math.ceil(math.sqrt(len(keys)))  # a grid about as wide as tall, each panel readable at 100%
+    fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 2.5 * math.ceil(len(keys) / cols)),
+                             squeeze=False)
+    for ax, k in zip(axes.flat, keys):
         ax.plot([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r])
-        ax.set_title(k)
-        ax.set_xlabel("step")
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
     fig.tight_layout()
     with atomic(os.path.join(out, "loss_curves.png")) as tmp:
         fig.savefig(tmp)

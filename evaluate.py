@@ -10,7 +10,8 @@ Noise seeds are held out: they never overlap the pairs' (the student was trained
 probe's, and every row uses the same seeds, labels and number of samples. A `real` row (real training images against
 the same reference) is the metric's floor. The teacher is scored over a grid of DDIM step counts x guidance scales, and
 a student is read against the BEST of those rows (its "gap closed"), not against the teacher at the student's own
-guidance. FID, KID, precision and recall come from torch-fidelity (precision and recall on the real set's radii,
+guidance. Where that best row lies on an edge of the grid, rows past the edge are scored (twice the steps, guidance one
+spacing further) until it has a worse neighbour on every side (--extend-rows), so that it is the teacher's minimum. FID, KID, precision and recall come from torch-fidelity (precision and recall on the real set's radii,
 cached by metrics.Reference) on Inception features where those weights can be had, else on the features of a
 classifier trained here on the real training data (cached in <run-dir>/classifier/); the report names the extractor,
 and the two kinds are never comparable.
@@ -29,13 +30,13 @@ import numpy as np
 import torch
 
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
-from data import load_splits, save_grid, to_uint8
+from data import load_splits, to_uint8
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import (Reference, class_accuracy, extract, feature_extractor, high_frequency_share, is_teacher_ddim,
                      scores, train_classifier)
 from checkpoints import default_teacher, open_teacher, student_timesteps, weights_hash, write_model_card
 from models import check_guidance
-from recipes import default_guidance, grid_columns
+from recipes import PRESETS, default_guidance, grid_columns
 from sampling import EVAL_SEED, PROBE_SEED, generate, one_step, sample_generator, sample_teacher
 
 METRICS = ("fid", "kid", "precision", "recall", "class_accuracy", "hf_share")
@@ -58,6 +59,10 @@ def main():
     p.add_argument("--teacher-guidance", type=number_list(float), default=None,
                    help="guidance scales the teacher is also scored at, so a student is read against the teacher at its "
                         "best; default: --guidance and two around it, 1 + (s-1)/2 and s + (s-1)/2 (3 -> 2,3,4)")
+    p.add_argument("--extend-rows", type=number(int, 0, inclusive=True), default=10,
+                   help="where the teacher's best row lies on an edge of the grid (its largest or smallest step count or "
+                        "guidance), score up to this many rows past it until the best has a worse neighbour on every "
+                        "side: a gap read against the grid's edge flatters the student; 0 = the grid alone")
     p.add_argument("--full-ddpm", action="store_true", help="also evaluate ancestral DDPM over all T steps (slow)")
     p.add_argument("--rows", type=lambda s: tuple(s.split(",")), default=None,
                    help="only the rows whose names start with one of these, e.g. real,student (default: all)")
@@ -86,7 +91,8 @@ def main():
         args.guidance = distilled.get("guidance", pairs.get("guidance", default_guidance(teacher_den.null_label is not None)))
     s = args.guidance
     check_guidance(teacher_den, s, teacher)
-    guidances = teacher_guidance_grid(s, args.teacher_guidance, teacher_den.null_label is not None)
+    guidable = teacher_den.null_label is not None
+    guidances = teacher_guidance_grid(s, args.teacher_guidance, guidable)
     if args.teacher_guidance and guidances == [1.0] and args.teacher_guidance != [1.0]:
         print(f"notice: '{teacher}' has no unconditional class: the teacher rows are unguided (--teacher-guidance "
               f"ignored)", file=sys.stderr)
@@ -121,8 +127,10 @@ def main():
                         f"here (the `real` row uses distinct ones): lower --num-samples or --repeats")
 
     # --- every row on the same seeds and labels
-    rows, grid = [], []
-    for spec in rows_to_run:
+    rows, grid = [], {}  # grid: each row's first images (one per class), by row name
+
+    def measure(spec):
+        """Score one row (or take it from the previous report) and keep its first images for grid.png."""
         per_repeat, seconds = [], []
         den = teacher_den if spec.source == teacher else None  # the teacher rows share the model loaded above
         if spec.source is not None and den is None:
@@ -136,8 +144,8 @@ def main():
         if spec.name in reused and reused[spec.name].get("guidance") == spec.guidance:  # the previous report's, on the
             # same setup and guidance: only its grid row is redrawn
             rows.append(reused[spec.name])
-            grid.append(images_of(range(grid_columns(num_classes)))[0])
-            continue
+            grid[spec.name] = images_of(range(grid_columns(num_classes)))[0]
+            return
         for r in range(R):
             images, labels, sec = images_of(range(r * N, (r + 1) * N))
             seconds += sec[1:] or sec
@@ -146,7 +154,7 @@ def main():
             m["hf_share"] = high_frequency_share(images.clamp(-1, 1))
             per_repeat.append(m)
             if r == 0:
-                grid.append(images[:grid_columns(num_classes)])
+                grid[spec.name] = images[:grid_columns(num_classes)]
         ms = 1000 * statistics.median(seconds) / args.batch_size if seconds else None
         row = dict(model=spec.name, nfe=spec.nfe, ms_per_image=ms, kid_std=float(np.mean([m["kid_std"] for m in per_repeat])))
         row.update({k: getattr(spec, k) for k in ("guidance", "steps") if getattr(spec, k) is not None})
@@ -158,13 +166,21 @@ def main():
         rows.append(row)
         print(f"{spec.name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if row[k] is not None), file=sys.stderr)
 
+    for spec in rows_to_run:
+        measure(spec)
+    yardstick = None
+    if any(is_teacher_ddim(r["model"]) for r in rows):  # the teacher's best row must be a minimum of the grid
+        yardstick = extend_grid(rows, lambda g, n: measure(teacher_row(teacher, g, n, guidable)), teacher_den.T,
+                                guidable, args.extend_rows)
+    rows.sort(key=row_order)
+
     report = dict(dataset=args.dataset, feature_extractor=label, num_samples=N, repeats=R, reference=reference,
                   device=describe_device(args.device), guidance=s, teacher_guidance=guidances, seeds=dict(evaluation=seeds, pairs=pair_seeds(pairs)),
                   classifier_test_accuracy=clf.config.get("test_accuracy") if clf is not None else None, rows=rows,
-                  setup=setup, reused_rows=[r["model"] for r in rows if r is reused.get(r["model"])])
+                  setup=setup, reused_rows=[r["model"] for r in rows if r is reused.get(r["model"])], yardstick=yardstick)
     add_gap_closed(report)
     md = markdown(report)
-    write_report(out, report, md, grid)
+    write_report(out, report, md, [grid[r["model"]] for r in rows], class_names_of(args.dataset, real_train, num_classes))
     pipeline = os.path.join(args.run_dir, DMD, PIPELINE)
     summary = os.path.join(args.run_dir, DMD, "summary.json")  # absent while a resumed run has not finished
     if os.path.isdir(pipeline) and distilled and os.path.exists(summary):  # the exported student's card gets the numbers
@@ -255,16 +271,20 @@ def generator_sampler(den, noise, y, generator, timesteps):
     return sample_generator(den, noise, y, timesteps)
 
 
+def teacher_row(teacher, g, n, guidable):
+    """The teacher by DDIM at n steps and guidance g (a guided step evaluates the network twice)."""
+    return Row(teacher_row_name(n, g, guidable), teacher, functools.partial(ddim_sampler, steps=n, s=g),
+               n * (2 if g != 1.0 and guidable else 1), guidance=g, steps=n)
+
+
 def all_rows(args, teacher, pairs, s, guidances, teacher_den):
     """Every row this run can have: the teacher at each of `guidances` and each step count of --ddim-steps (and the
     pairs' steps at the pairs' guidance). A student runs at the timesteps saved with it (its K steps: NFE = K)."""
     guidable, T = teacher_den.null_label is not None, teacher_den.T
     rows = [Row("real", None, None, None)]
     for g in guidances:
-        per_step = 2 if g != 1.0 and guidable else 1  # a guided step evaluates the network twice
         steps = args.ddim_steps + ([pairs["sampling_steps"]] if pairs and g == pairs["guidance"] else [])
-        rows += [Row(teacher_row_name(n, g, guidable), teacher, functools.partial(ddim_sampler, steps=n, s=g),
-                     n * per_step, guidance=g, steps=n) for n in sorted(set(steps))]
+        rows += [teacher_row(teacher, g, n, guidable) for n in sorted(set(steps))]
     if args.full_ddpm:
         rows.append(Row(f"teacher-ddpm-{T}", teacher, functools.partial(ddpm_sampler, s=s), T * (1 + (s != 1.0 and guidable)),
                         guidance=s))
@@ -281,6 +301,68 @@ def all_rows(args, teacher, pairs, s, guidances, teacher_den):
     return rows
 
 
+def grid_neighbours(rows, T, guidable):
+    """The teacher's best DDIM row (lowest FID) and what it must be compared with to be a minimum of the grid of step
+    counts x guidance: the next step count up and down at its guidance, the next guidance up and down at its step
+    count. Where the rows scored so far end, the neighbour lies past that edge: twice the steps (at most T, every
+    step of the teacher's schedule), half of them (at least 1), guidance one spacing of the grid further (at least 1,
+    no guidance). Returns (best row, [(guidance, steps) not scored yet], [the edges no neighbour lies past, in words])."""
+    teacher = [r for r in rows if is_teacher_ddim(r["model"])]
+    best = min(teacher, key=lambda r: r["fid"])
+    g, n = best.get("guidance", 1.0), best["steps"]
+    have = {(r.get("guidance", 1.0), r["steps"]) for r in teacher}
+    steps = sorted(m for h, m in have if h == g)
+    wanted, edges = [], []
+    more, fewer = [m for m in steps if m > n], [m for m in steps if m < n]
+    if more or n < T:
+        wanted.append((g, more[0] if more else min(2 * n, T)))
+    else:
+        edges.append(f"DDIM-{n} takes every one of the teacher's {T} steps")
+    if fewer or n > 1:
+        wanted.append((g, fewer[-1] if fewer else n // 2))
+    else:
+        edges.append("DDIM-1 is the fewest steps")
+    if guidable:
+        scales = sorted({h for h, _ in have})
+        i = scales.index(g)
+        spacing_up = scales[i] - scales[i - 1] if i > 0 else 1.0
+        spacing_down = scales[i + 1] - scales[i] if i + 1 < len(scales) else 1.0
+        wanted.append((scales[i + 1] if i + 1 < len(scales) else round(g + spacing_up, 4), n))
+        if i > 0 or g > 1:
+            wanted.append((scales[i - 1] if i > 0 else max(1.0, round(g - spacing_down, 4)), n))
+        else:
+            edges.append(f"guidance {g:g} is no guidance")
+    return best, [w for w in wanted if w not in have], edges
+
+
+def extend_grid(rows, score, T, guidable, budget):
+    """Score teacher rows past the grid's edges (`score(guidance, steps)` appends the row to `rows`) until the best row
+    has a worse neighbour on every side, or `budget` rows have been added (--extend-rows). Returns what the report
+    says of it: how many rows were tried, the best, whether it is an interior minimum, and why not where not."""
+    start, added = sum(is_teacher_ddim(r["model"]) for r in rows), []
+    while True:
+        best, missing, edges = grid_neighbours(rows, T, guidable)
+        if not missing or len(added) >= budget:
+            break
+        for g, n in missing[:budget - len(added)]:
+            score(g, n)
+            added.append(rows[-1]["model"])
+    if missing:
+        edges.append(f"the budget of --extend-rows {budget} rows past the grid was spent before "
+                     f"{', '.join(teacher_row_name(n, g, guidable) for g, n in missing)} could be scored")
+    return dict(best=best["model"], rows_tried=start + len(added), grid_rows=start, added=added,
+                interior=not missing and not edges, edges=edges)
+
+
+def row_order(row):
+    """The report's order: real, the teacher's DDIM rows by guidance and steps, then every other row as it came."""
+    if row["model"] == "real":
+        return (0,)
+    if is_teacher_ddim(row["model"]):
+        return (1, row.get("guidance", 1.0), row["steps"])
+    return (2,)
+
+
 def select_rows(rows, wanted):
     """The rows whose names start with one of the prefixes `wanted` (--rows; None = all). A prefix that matches no
     row is refused, naming the rows there are, before any work is done."""
@@ -293,9 +375,10 @@ def select_rows(rows, wanted):
     return [row for row in rows if row.name.startswith(wanted)]
 
 
-def write_report(out, report, md, grid):
+def write_report(out, report, md, grid, class_names):
     """report.json, report.md, grid.png and fid_vs_nfe.png, all made in a staging folder beside `out` and only then
-    renamed into it: a failure while making any of them leaves the previous report whole."""
+    renamed into it: a failure while making any of them leaves the previous report whole. `grid`: each row's first
+    images, in the report's row order."""
     stage = out.rstrip("/") + ".tmp"
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
@@ -303,13 +386,22 @@ def write_report(out, report, md, grid):
         write_json(report, os.path.join(stage, "report.json"))
         with open(os.path.join(stage, "report.md"), "w") as f:
             f.write(md)
-        save_grid(torch.cat(grid), os.path.join(stage, "grid.png"), nrow=len(grid[0]))
+        plot_grid(report, grid, class_names, os.path.join(stage, "grid.png"))
         plot_fid_vs_nfe(report, os.path.join(stage, "fid_vs_nfe.png"))
         os.makedirs(out, exist_ok=True)
         for name in sorted(os.listdir(stage)):
             os.replace(os.path.join(stage, name), os.path.join(out, name))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def class_names_of(dataset, real_train, num_classes):
+    """The grid's column titles where its columns are the classes: the preset's class names, an image folder's class
+    subfolders, else the class numbers; none for an unconditional teacher (its columns are seeds)."""
+    if not 0 < num_classes == grid_columns(num_classes):
+        return []
+    folder = getattr(real_train, "dataset", real_train)  # load_splits' Subset of an image folder
+    return list(PRESETS[dataset].get("class_names") or getattr(folder, "classes", None) or map(str, range(num_classes)))
 
 
 def add_gap_closed(report):
@@ -359,6 +451,13 @@ def markdown(report):
              f"Gap closed = (FID_teacher - FID) / (FID_teacher - FID_real) against the teacher's best row over steps x "
              f"guidance, {report['gap_reference']}; \"at own guidance\": against its best row at the student's guidance, "
              f"{report.get('gap_reference_own')}."]
+    y = report.get("yardstick")
+    if y:
+        past = f" + {len(y['added'])} past its edges ({', '.join(y['added'])})" if y["added"] else ""
+        verdict = ("an interior minimum: its neighbours in steps and in guidance were all scored, and all are worse"
+                   if y["interior"] else f"not known to be a minimum: {'; '.join(y['edges'])}")
+        lines.append(f"Teacher yardstick: {y['rows_tried']} DDIM rows tried ({y['grid_rows']} of the grid{past}); "
+                     f"the best, {y['best']}, is {verdict}.")
     if report["classifier_test_accuracy"] is not None:
         lines.append(f"Feature classifier held-out accuracy: {report['classifier_test_accuracy']:.1%}.")
     lines += ["", "| model | NFE | FID | KID | precision | recall | class accuracy | high-freq. share | gap closed | "
@@ -374,34 +473,73 @@ def markdown(report):
 
 def plot_fid_vs_nfe(report, path):
     """FID against NFE (log scale): the teacher's DDIM curve at each guidance, each one-step model as a point, the
-    real floor."""
+    real floor. The students and the teacher's best row carry their FID; the legend sits outside the axes, so that it
+    hides no point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for g in sorted({r.get("guidance") for r in rows if is_teacher_ddim(r["model"])}):
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for g in sorted({r.get("guidance") for r in rows if is_teacher_ddim(r["model"])}, key=lambda g: g or 0):
         curve = sorted((r for r in rows if is_teacher_ddim(r["model"]) and r.get("guidance") == g), key=lambda r: r["nfe"])
         own = " (the student's)" if g == report["guidance"] else ""
         ax.errorbar([r["nfe"] for r in curve], [r["fid"] for r in curve], yerr=[r.get("fid_std", 0) for r in curve],
-                    marker="o", label=f"teacher, DDIM, guidance {g:g}{own}" if g is not None else "teacher, DDIM")
+                    marker="o", markersize=4, label=f"teacher, DDIM, guidance {g:g}{own}" if g is not None else "teacher, DDIM")
+    students = [r for r in rows if r["model"].startswith("student")]
     for r in rows:
         if r["model"].startswith(("student", "onestep", "teacher-ddpm")):
-            ax.errorbar([r["nfe"]], [r["fid"]], yerr=[r.get("fid_std", 0)], marker="*" if r["model"].startswith("student") else "s",
-                        linestyle="none", markersize=10, label=r["model"])
-    for r in rows:
+            student = r in students
+            ax.errorbar([r["nfe"]], [r["fid"]], yerr=[r.get("fid_std", 0)], marker="*" if student else "s",
+                        linestyle="none", markersize=12 if student else 7, label=r["model"], zorder=3)
+            if student:  # one label each, stacked, so that students at the same NFE do not print over each other
+                i = students.index(r)
+                ax.annotate(f"{r['model']}: {r['fid']:.1f}", (r["nfe"], r["fid"]), textcoords="offset points",
+                            xytext=(14, 16 * (len(students) - 1) / 2 - 16 * i), va="center", fontsize=8,
+                            arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
+        if r["model"] == report.get("gap_reference"):
+            ax.annotate(f"best teacher row\n{r['fid']:.1f}", (r["nfe"], r["fid"]), xytext=(0, -22),
+                        textcoords="offset points", ha="center", fontsize=7,
+                        arrowprops=dict(arrowstyle="-", color="grey", lw=0.5))
         if r["model"] == "real":
             ax.axhline(r["fid"], color="grey", linestyle="--", label="real training images (floor)")
     if any(r["nfe"] for r in rows):  # `--rows real` alone puts nothing on the NFE axis, which log scale refuses
         ax.set_xscale("log")
+        ax.set_xlim(0.7, 1.6 * max(r["nfe"] for r in rows if r["nfe"]))  # room for the points at NFE 1 and their labels
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations per image (NFE)")
     ax.set_ylabel("FID")
     ax.set_title(f"{report['dataset']}: FID vs NFE ({report['feature_extractor'].split(' (')[0]})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     fig.tight_layout()
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def plot_grid(report, grid, class_names, path):
+    """grid.png: one row of images per report row (the same seeds and labels in every row), each labelled in the left
+    margin with its model name and FID, the columns with their class names where the columns are the classes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    cols, (c, h, w) = len(grid[0]), grid[0].shape[1:]
+    inch = 0.5 * max(h, w) / 28  # 28-pixel images at 0.5 inch each: 2x their size at the saved dpi
+    fig, axes = plt.subplots(len(grid), 1, figsize=(2.6 + cols * inch, 0.35 + len(grid) * inch * 1.05), squeeze=False)
+    for ax, row, images in zip(axes[:, 0], report["rows"], grid):
+        strip = make_grid(images.float().clamp(-1, 1).add(1).div(2), nrow=cols, padding=1, pad_value=1.0)
+        ax.imshow(strip.permute(1, 2, 0).numpy(), cmap="gray" if c == 1 else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        name = "real (any class)" if row["model"] == "real" else row["model"]  # real images are drawn at random
+        ax.set_ylabel(f"{name}\nFID {row['fid']:.1f}", rotation=0, ha="right", va="center", fontsize=7)
+    for j, name in enumerate(class_names[:cols]):
+        axes[0, 0].text((j + 0.5) * (w + 1), -2, name, ha="center", va="bottom", fontsize=6, rotation=30)
+    fig.subplots_adjust(left=2.4 / fig.get_figwidth(), right=0.99, top=1 - 0.35 / fig.get_figheight(), bottom=0.01,
+                        hspace=0.05)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=112)
     plt.close(fig)
 
 

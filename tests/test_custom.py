@@ -59,7 +59,7 @@ def test_own_teacher_and_data_end_to_end(custom):
     config = read_json(r / "dmd" / "config.json")
     assert config["dataset"] == "custom" and config["num_classes"] == 2 and config["gan_weight"] == 1e-2
     run("evaluate.py", "--fid", "--teacher", teacher, "--run-dir", r, "--data-dir", data, "--num-samples", 4,
-        "--batch-size", 4, "--classifier-epochs", 1, "--ddim-steps", "1")
+        "--batch-size", 4, "--classifier-epochs", 1, "--ddim-steps", "1", "--extend-rows", 0)  # the grid alone
     rows = {row["model"]: row for row in read_json(r / "eval" / "report.json")["rows"]}
     assert list(rows) == ["real", "teacher-g1.5-ddim-1", "teacher-g2-ddim-1", "teacher-g2-ddim-2", "teacher-g2.5-ddim-1",
                           "onestep-before", "onestep-before-guided", "student"]

@@ -69,7 +69,7 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert read_json(d / "dmd" / "student_best" / "probe.json") == dict(step=best["step"], probe_fid=best["probe_fid"],
                                                                         of="student")  # no EMA: the student itself
     r = run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-            "--ddim-steps", "1")
+            "--ddim-steps", "1", "--extend-rows", 0)  # the grid alone here: its extension is the next test's
     report = read_json(d / "eval" / "report.json")
     assert report["dataset"] == "mnist" and report["num_samples"] == 20
     assert report["feature_extractor"].startswith("classifier")  # no Inception weights offline
@@ -101,7 +101,7 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     assert report["reused_rows"] == []
     # evaluated again on the same setup, the rows no student changes are taken from the report, not scored again
     run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-        "--ddim-steps", "1")
+        "--ddim-steps", "1", "--extend-rows", 0)
     again = read_json(d / "eval" / "report.json")
     assert again["reused_rows"] == [n for n in rows if not n.startswith("student")]
     assert again["rows"][:-2] == report["rows"][:-2]  # the students are scored again: same numbers, new timings
@@ -110,7 +110,7 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     moved = tmp_path / "elsewhere"
     shutil.copytree(d, moved, symlinks=True)
     run("evaluate.py", "--fid", "--run-dir", moved, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-        "--ddim-steps", "1", "--rows", "real,teacher")
+        "--ddim-steps", "1", "--rows", "real,teacher", "--extend-rows", 0)
     assert read_json(moved / "eval" / "report.json")["reused_rows"] == [n for n in rows if n.startswith(("real", "teacher"))]
     # distill.py's probe now reads its gap against the teacher's best row of that report, measured on its own scale
     run("distill.py", "--run-dir", d, "--steps", 1, "--batch-size", 4, "--reg-loss", "pseudo_huber", "--lr", 1e-3,
@@ -122,7 +122,7 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
                                                 (ref["probe_fid"] - ref["real_probe_fid"]))
     # ... but a row made at another guidance is scored again
     run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100,
-        "--ddim-steps", "1", "--rows", "real,onestep", "--guidance", 3)
+        "--ddim-steps", "1", "--rows", "real,onestep", "--guidance", 3, "--extend-rows", 0)
     third = read_json(d / "eval" / "report.json")
     assert third["reused_rows"] == ["real", "onestep-before"] and third["rows"][-1]["guidance"] == 3.0
     assert "| student | 1 |" in r.stdout and f"best row over steps x guidance, {best}" in r.stdout
@@ -142,6 +142,91 @@ def test_tiny_end_to_end_report(mnist_run, tmp_path):
     # the metric's floor alone (no row on the NFE axis) is a report too
     run("evaluate.py", "--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100, "--rows", "real")
     assert [r["model"] for r in json.loads((d / "eval" / "report.json").read_text())["rows"]] == ["real"]
+
+
+def surface_rows(grid, fid):
+    """Hand-made teacher rows at the (guidance, steps) of `grid`, their FID given by `fid(g, n)`, and a real row."""
+    return [dict(model="real", fid=1.0, nfe=None)] + [
+        dict(model=evaluate.teacher_row_name(n, g, True), fid=fid(g, n), guidance=g, steps=n, nfe=2 * n) for g, n in grid]
+
+
+def bowl(g, n):
+    """An FID surface whose minimum is at guidance 4, DDIM-16."""
+    return 10 + 2 * (g - 4) ** 2 + (np.log2(n) - 4) ** 2
+
+
+def run_extension(rows, fid, budget=10, T=400):
+    """evaluate.extend_grid on hand-made rows, each new row scored by `fid`; returns its record."""
+    def score(g, n):
+        rows.append(surface_rows([(g, n)], fid)[1])
+    return evaluate.extend_grid(rows, score, T, True, budget)
+
+
+def test_yardstick_interior_best_adds_no_row():
+    """A best row inside the grid (guidance 4, DDIM-16 of 3 x 3 rows around it) has every neighbour scored and worse:
+    nothing is added and the report calls it an interior minimum."""
+    rows = surface_rows([(g, n) for g in (3, 4, 5) for n in (8, 16, 32)], bowl)
+    record = run_extension(rows, bowl)
+    assert record == dict(best="teacher-g4-ddim-16", rows_tried=9, grid_rows=9, added=[], interior=True, edges=[])
+    assert len(rows) == 10
+
+
+def test_yardstick_best_on_the_edge_extends_the_grid_to_the_minimum():
+    """The Makefile's kind of grid (guidance 2, 3 x DDIM-2, 4, 8) on a surface whose minimum lies past both of its
+    edges (guidance 4, DDIM-16): the best row sits on the grid's corner, so rows past it are scored, a step further
+    (guidance + 1, twice the steps) each time the best moves, until the best has a worse neighbour on every side - the
+    surface's minimum."""
+    rows = surface_rows([(g, n) for g in (2, 3) for n in (2, 4, 8)], bowl)
+    record = run_extension(rows, bowl)
+    assert record["best"] == "teacher-g4-ddim-16" and record["interior"] and record["edges"] == []
+    assert record["added"][:2] == ["teacher-g3-ddim-16", "teacher-g4-ddim-8"]  # the corner's two missing neighbours
+    assert {"teacher-g5-ddim-16", "teacher-g4-ddim-32", "teacher-g3-ddim-16"} <= set(record["added"])
+    assert record["rows_tried"] == 6 + len(record["added"]) == len(rows) - 1
+    best, missing, _ = evaluate.grid_neighbours(rows, 400, True)
+    assert best["model"] == "teacher-g4-ddim-16" and missing == []
+
+
+def test_yardstick_names_the_edges_it_cannot_pass():
+    """Past the lowest guidance is guidance 1 (no guidance), and no further; past T steps, nothing; a row budget that
+    runs out is named with the rows it left unscored. Each makes the best 'not known to be a minimum'."""
+    unguided_best = run_extension(surface_rows([(1.5, 4), (2, 4), (1.5, 8), (1.5, 2)], lambda g, n: g + abs(n - 4)),
+                                  lambda g, n: g + abs(n - 4))
+    assert unguided_best["best"] == "teacher-g1-ddim-4"  # then its step neighbours at guidance 1 are scored too
+    assert unguided_best["added"] == ["teacher-g1-ddim-4", "teacher-g1-ddim-8", "teacher-g1-ddim-2"]
+    assert unguided_best["edges"] == ["guidance 1 is no guidance"] and not unguided_best["interior"]
+    full = run_extension(surface_rows([(2, 200), (2, 400), (1.5, 400), (2.5, 400)], lambda g, n: -n + abs(g - 2)),
+                         lambda g, n: -n + abs(g - 2), T=400)
+    assert full["added"] == [] and full["edges"] == ["DDIM-400 takes every one of the teacher's 400 steps"]
+    short = run_extension(surface_rows([(2, 2), (2, 4), (3, 4)], bowl), bowl, budget=1)
+    assert short["added"] == ["teacher-g3-ddim-8"] and short["best"] == "teacher-g3-ddim-8" and not short["interior"]
+    assert short["edges"] == ["the budget of --extend-rows 1 rows past the grid was spent before teacher-g3-ddim-16, "
+                              "teacher-g4-ddim-8, teacher-g2-ddim-8 could be scored"]
+
+
+def test_yardstick_extension_end_to_end(mnist_run, tmp_path):
+    """evaluate.py on a one-row grid (guidance 2, DDIM-1) scores the rows past its edges (twice the steps, the next
+    guidance up), within --extend-rows; the report and its table say so, grid.png and fid_vs_nfe.png show every row;
+    the same evaluation again reuses the added rows."""
+    d = tmp_path / "run"
+    shutil.copytree(mnist_run / "teacher", d / "teacher")
+    run("evaluate.py", "--prepare", "--run-dir", d, "--classifier-epochs", 1)
+    flags = ("--fid", "--run-dir", d, "--num-samples", 20, "--batch-size", 10, "--num-reference", 100, "--rows",
+             "real,teacher", "--ddim-steps", 1, "--teacher-guidance", 2, "--extend-rows", 2)
+    r = run("evaluate.py", *flags)
+    report = read_json(d / "eval" / "report.json")
+    y = report["yardstick"]
+    assert y["added"] == ["teacher-g2-ddim-2", "teacher-g3-ddim-1"] and y["rows_tried"] == 3 and not y["interior"]
+    rows = {row["model"]: row for row in report["rows"]}
+    assert list(rows) == ["real", "teacher-g2-ddim-1", "teacher-g2-ddim-2", "teacher-g3-ddim-1"]
+    assert (rows["teacher-g2-ddim-2"]["nfe"], rows["teacher-g3-ddim-1"]["nfe"]) == (4, 2)
+    assert all(np.isfinite(row["fid"]) for row in rows.values())
+    assert "Teacher yardstick: 3 DDIM rows tried (1 of the grid + 2 past its edges" in r.stdout
+    assert "teacher-g1-ddim-1 could be scored" in y["edges"][-1]  # the third neighbour, past the budget
+    from PIL import Image
+    width, height = Image.open(d / "eval" / "grid.png").size
+    assert 300 < width < 1200 and 4 * 50 < height < 4 * 90, (width, height)  # 4 labelled rows of 10 classes
+    run("evaluate.py", *flags)
+    assert read_json(d / "eval" / "report.json")["reused_rows"] == list(rows)
 
 
 def test_refuses_evaluation_seeds_that_overlap_the_training_probe():
