@@ -8,48 +8,74 @@ import hashlib
 import os
 import shutil
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from huggingface_hub import HfApi, ModelCardData, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import contextunet
+import pipeline_generator
 from cli import UserError
 from contextunet import ContextUnet
-from models import BACKBONES, Denoiser, check_guidance, class_labels_of, image_shape
+from models import BACKBONES, Denoiser, check_guidance, class_labels_of
 from files import TEACHER, atomic, load_json, save_folder, write_json
 from recipes import PRESETS, default_guidance
+from schedules import scheduler_class
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 GENERATOR_CONFIG = "generator.json"  # in a student's folder: the timesteps of its K steps
 UNET_CODE = f"{ContextUnet.__module__}.py"  # a ContextUnet's code, in an exported unet/: model_index.json names it
+PIPELINE_CODE = f"{pipeline_generator.__name__}.py"  # a flow or latent student's pipeline code, in its folder
 
 
-def save_teacher(backbone, scheduler, folder):
-    """Diffusers layout (backbone + scheduler in one folder), every file renamed into place whole."""
+def save_teacher(backbone, scheduler, folder, vae=None):
+    """Diffusers layout (backbone + scheduler in one folder, a latent teacher's AutoencoderKL in vae/), every file
+    renamed into place whole."""
     save_folder(folder, backbone, scheduler)
+    if vae is not None:
+        save_folder(os.path.join(folder, "vae"), vae)
 
 
-def save_student(backbone, scheduler, folder, timesteps):
-    """A student: the teacher's folder layout plus generator.json, the generator's timesteps (K = their number), so
-    that sampling, evaluation and the pipeline export run it at the timesteps it was trained for."""
-    save_folder(folder, backbone, scheduler)
+def save_student(backbone, scheduler, folder, timesteps, vae=None):
+    """A student: the teacher's folder layout (with its VAE: the folder makes images on its own) plus generator.json,
+    the generator's timesteps (K = their number), so that sampling, evaluation and the pipeline export run it at the
+    timesteps it was trained for."""
+    save_teacher(backbone, scheduler, folder, vae)
     write_json(dict(timesteps=[int(t) for t in timesteps]), os.path.join(folder, GENERATOR_CONFIG))
 
 
-def save_pipeline(backbone, scheduler, folder, timesteps, config):
+def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None):
     """The student as a diffusers pipeline that `DiffusionPipeline.from_pretrained(folder)` loads with diffusers and
-    torch alone, from any folder: ConsistencyModelPipeline, a few-step generator pipeline that passes class labels to
-    its UNet, with a scheduler that runs the student at its timesteps. One step: DDIM with trailing spacing (its one
-    step is t = T-1 and returns x̂0). K steps: LCM, whose multistep sampling re-noises x̂0 with fresh noise exactly as
-    sampling.sample_generator does (its timesteps are generator_timesteps'; intermediate x̂0 are not clipped, as here).
-    A ContextUnet is no diffusers class: its code travels in unet/ (diffusers' way for a custom component), and
-    loading runs it only with trust_remote_code=True. `config` (distill.py's) goes into the model card."""
-    from diffusers import ConsistencyModelPipeline, DDIMScheduler, LCMScheduler
-    if len(timesteps) == 1:
+    torch alone, from any folder, with a scheduler that runs the student at its timesteps (`config`, distill.py's,
+    goes into the model card).
+    - A pixel DDPM student: ConsistencyModelPipeline, diffusers' few-step generator pipeline that passes class labels
+      to its UNet. One step: DDIM with trailing spacing (its one step is t = T-1 and returns x̂0). K steps: LCM,
+      whose multistep sampling re-noises x̂0 with fresh noise exactly as sampling.sample_generator does (its
+      timesteps are generator_timesteps'; intermediate x̂0 are not clipped, as here).
+    - A flow or latent student (`vae`): no diffusers pipeline takes a flow scheduler without a VAE, nor a VAE with
+      per-sample generators and class labels at 1 or K steps, so pipeline_generator.py's GeneratorPipeline travels
+      in the folder (diffusers' way for a custom pipeline; components unet/ or transformer/ as DiTPipeline names
+      them, scheduler/, vae/). Flow: FlowMatchEulerDiscreteScheduler, stochastic at K > 1 (x̂0 re-noised with fresh
+      noise, DMD2's K-step sampling); DDPM: DDIM / LCM as above.
+    Code that is no diffusers class (a ContextUnet, the GeneratorPipeline) runs only with trust_remote_code=True."""
+    from diffusers import ConsistencyModelPipeline, DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
+    K, flow = len(timesteps), isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    if flow:
+        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, stochastic_sampling=K > 1)
+    elif K == 1:
         sched = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
     else:
-        sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=len(timesteps), clip_sample=False)
-    save_folder(folder, ConsistencyModelPipeline(unet=real_classes_only(backbone), scheduler=sched))
+        sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=K, clip_sample=False)
+    net = real_classes_only(backbone)
+    if flow or vae is not None:
+        name = "transformer" if isinstance(backbone, DiTTransformer2DModel) else "unet"
+        save_folder(folder, pipeline_generator.GeneratorPipeline(scheduler=sched, vae=vae, **{name: net}))
+        with atomic(os.path.join(folder, PIPELINE_CODE)) as tmp:
+            shutil.copyfile(pipeline_generator.__file__, tmp)
+        index = load_json(os.path.join(folder, "model_index.json"))  # the class name diffusers finds the code by
+        write_json(dict(index, _class_name=[PIPELINE_CODE.removesuffix(".py"), "GeneratorPipeline"]),
+                   os.path.join(folder, "model_index.json"))
+    else:
+        save_folder(folder, ConsistencyModelPipeline(unet=net, scheduler=sched))
     if isinstance(backbone, ContextUnet):
         with atomic(os.path.join(folder, "unet", UNET_CODE)) as tmp:
             shutil.copyfile(contextunet.__file__, tmp)
@@ -60,9 +86,10 @@ def real_classes_only(backbone):
     """The student's UNet as its pipeline shows it. A pipeline called without class labels draws them from
     range(num_class_embeds), and a UNet2DModel trained here with label dropout has guidance's null class as its last
     embedding: a student is never asked for it (µreal alone is guided), so that row is dropped. A ContextUnet's
-    num_class_embeds already counts the real classes only; other backbones have no null class."""
+    num_class_embeds already counts the real classes only, and a DiT's num_embeds_ada_norm too (its null label is an
+    extra row); other backbones have no null class."""
     n, null = class_labels_of(backbone)
-    if isinstance(backbone, ContextUnet) or null is None:
+    if not isinstance(backbone, UNet2DModel) or null is None:
         return backbone
     unet = UNet2DModel.from_config(dict({k: v for k, v in backbone.config.items() if k != "_null_class_label"},
                                         num_class_embeds=n))
@@ -134,18 +161,24 @@ def student_timesteps(folder, T):
 
 
 def pipeline_subfolder(source):
-    """"unet" where `source` is a pipeline folder (model_index.json, unet/, scheduler/), else None (a model folder)."""
-    return "unet" if os.path.isfile(os.path.join(source, "model_index.json")) else None
+    """The denoiser's folder of a pipeline folder (model_index.json + unet/ or transformer/ + scheduler/), or None:
+    a model folder, or a pipeline folder that holds neither."""
+    if not os.path.isfile(os.path.join(source, "model_index.json")):
+        return None
+    return next((sub for sub in ("unet", "transformer") if os.path.isdir(os.path.join(source, sub))), None)
 
 
 def load_teacher(source):
-    """(backbone, scheduler) from a model folder (the backbone's config + weights + scheduler_config.json), a pipeline
-    folder (unet/ + scheduler/, as DDPMPipeline.save_pretrained writes it) or a hub id, in eval mode on the CPU."""
+    """(backbone, scheduler, vae or None) from a model folder (the backbone's config + weights +
+    scheduler_config.json), a pipeline folder (unet/ or transformer/ + scheduler/, as DDPMPipeline or DiTPipeline's
+    save_pretrained writes it) or a hub id, in eval mode on the CPU. A vae/ beside the backbone (an AutoencoderKL)
+    makes it a latent teacher. The scheduler is loaded as the class its config names (schedules.py knows two
+    families; another is refused)."""
     sub, local_only = pipeline_subfolder(source) if os.path.isdir(source) else None, False
     if os.path.isdir(source):
-        if sub and not os.path.isdir(os.path.join(source, sub)):
-            raise UserError(f"pipeline folder '{source}' has no unet/: pass the folder that DDPMPipeline.save_pretrained "
-                            f"wrote (model_index.json, unet/, scheduler/) or a model folder")
+        if os.path.isfile(os.path.join(source, "model_index.json")) and sub is None:
+            raise UserError(f"pipeline folder '{source}' has no unet/ or transformer/: pass the folder that a "
+                            f"pipeline's save_pretrained wrote (model_index.json, unet/, scheduler/) or a model folder")
         if not any(os.path.isfile(os.path.join(source, sub or "", f)) for f in WEIGHT_FILES):
             raise UserError(f"teacher folder '{source}' has no {WEIGHT_FILES[0]}: train one with "
                             f"`python train_teacher.py` or pass --teacher FOLDER holding a saved teacher")
@@ -161,7 +194,12 @@ def load_teacher(source):
             raise UserError(f"teacher '{source}' is a {config.get('_class_name')}; supported backbones: "
                             f"{', '.join(BACKBONES)}")
         backbone = cls.from_pretrained(source, subfolder=sub, local_files_only=local_only)
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler" if sub else None, local_files_only=local_only)
+        scheduler_folder = "scheduler" if sub else None
+        name = DDPMScheduler.load_config(source, subfolder=scheduler_folder,  # any scheduler class reads the file
+                                         local_files_only=local_only)["_class_name"]
+        scheduler = scheduler_class(name).from_pretrained(source, subfolder=scheduler_folder, local_files_only=local_only)
+        vae_folder = os.path.join(source, "vae")  # by its path: diffusers' subfolder= would take a model folder's
+        vae = AutoencoderKL.from_pretrained(vae_folder).eval() if os.path.isdir(vae_folder) else None  # own weights
     except UserError:
         raise
     except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
@@ -170,7 +208,10 @@ def load_teacher(source):
                             f"re-save it with `python train_teacher.py` or point --teacher at a complete folder")
         raise UserError(f"could not fetch hub id '{source}' ({str(e).splitlines()[0][:100]}): download it where there "
                         f"is a network (`hf download {source} --local-dir DIR`) and pass --teacher DIR")
-    return backbone.eval(), scheduler
+    if vae is not None and vae.config.latent_channels != backbone.config.in_channels:
+        raise UserError(f"teacher '{source}': its vae/ makes latents of {vae.config.latent_channels} channels but the "
+                        f"denoiser takes {backbone.config.in_channels}: pair the denoiser with the VAE it was trained on")
+    return backbone.eval(), scheduler, vae
 
 
 def default_teacher(dataset, run_dir):
@@ -202,34 +243,40 @@ def hub_local_only(source, timeout=5):
     return False
 
 
-def check_image_shape(backbone, dataset, source):
-    """A teacher must make images of the preset's shape (a custom run takes the teacher's)."""
-    got, want = image_shape(backbone), PRESETS[dataset]["shape"]
+def check_image_shape(den, dataset, source):
+    """A teacher must make images of the preset's shape, decoded for a latent teacher (a custom run takes the
+    teacher's)."""
+    got, want = den.image_shape, PRESETS[dataset]["shape"]
     if want is not None and tuple(got) != tuple(want):
         raise UserError(f"teacher '{source}' makes {'x'.join(map(str, got))} images but {dataset} is "
                         f"{'x'.join(map(str, want))}: pass the --dataset it was trained on, or a teacher for {dataset}")
 
 
 def weights_hash(source):
-    """sha256 (first 16 hex digits) of a teacher's weight file: pairs and students name their teacher by it."""
+    """sha256 (first 16 hex digits) of a teacher's weight file, and of its VAE's where it has one (the images its
+    latents decode to are part of the teacher): pairs and students name their teacher by it."""
     folder = os.path.join(source, pipeline_subfolder(source) or "") if os.path.isdir(source) else source
     path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
     if path is None:  # a hub id: hash the file that load_teacher put in the cache
         path = try_to_load_from_cache(source, WEIGHT_FILES[0])
+    vae = os.path.join(source, "vae")
+    paths = [path] + ([os.path.join(vae, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(vae, f))][:1]
+                      if os.path.isdir(vae) else [])
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
 def open_teacher(source, dataset, guidance=None, device="cpu"):
     """The one way every script opens a teacher (or a student, which is saved the same way): load it, check it makes
-    the dataset's images, wrap it as a Denoiser, and resolve the guidance scale (None = recipes.default_guidance),
-    refusing guidance for a teacher without a null class. Returns (Denoiser in eval mode on `device`, guidance)."""
-    backbone, scheduler = load_teacher(source)
-    check_image_shape(backbone, dataset, source)
-    den = Denoiser(backbone, scheduler).to(device).eval()
+    the dataset's images, wrap it as a Denoiser (with its VAE, for a latent teacher), and resolve the guidance scale
+    (None = recipes.default_guidance), refusing guidance for a teacher without a null class. Returns (Denoiser in
+    eval mode on `device`, guidance)."""
+    den = Denoiser(*load_teacher(source)).to(device).eval()
+    check_image_shape(den, dataset, source)
     guidance = default_guidance(den.null_label is not None) if guidance is None else guidance
     check_guidance(den, guidance, source)
     return den, guidance

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from cli import UserError
@@ -185,6 +185,25 @@ def load_splits(name, data_dir=None, verbose=True, shape=None, num_classes=None)
     n_ref = min(len(train) // 2, 10000)
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     return Subset(train, perm[n_ref:]), Subset(train, perm[:n_ref]), f"{n_ref} images of the folder held out"
+
+
+def encoded_dataset(images, vae, cache, batch_size=256):
+    """A dataset of (latents, label): `images` (a dataset of (image, label)) through a latent teacher's VAE
+    (models.Autoencoder: one draw of its posterior per image, from a generator seeded by the batch's index, so the
+    same every time), computed once and kept in the safetensors file `cache`, read from there afterwards."""
+    if not os.path.isfile(cache):
+        latents, labels = [], []
+        device = next(vae.vae.parameters()).device
+        for i in range(0, len(images), batch_size):
+            items = [images[j] for j in range(i, min(i + batch_size, len(images)))]
+            x = torch.stack([x for x, _ in items]).to(device)
+            latents.append(vae.encode(x, torch.Generator(device).manual_seed(i)).float().cpu())
+            labels.append(torch.as_tensor([int(y) for _, y in items]))
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with atomic(cache) as tmp:
+            save_file({"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels)}, tmp)
+    saved = load_file(cache)
+    return TensorDataset(saved["latents"], saved["labels"])
 
 
 def save_grid(images, path, nrow=8):

@@ -24,8 +24,8 @@ from torchvision.utils import make_grid
 
 import dmd
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
-from data import load_pairs, load_splits, save_grid
-from files import (CLASSIFIER, DMD, EVAL, PAIRS, TEACHER, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
+from data import encoded_dataset, load_pairs, load_splits, save_grid
+from files import (CLASSIFIER, DMD, EVAL, LATENTS, PAIRS, VAE, TEACHER, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
 from metrics import best_teacher_row, make_probe, required_best_teacher_row
@@ -74,9 +74,9 @@ def parse_args():
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/<out>")
     dmd.add_arguments(p)
     args = parse(p)
-    if os.path.basename(args.out) != args.out or args.out in ("", ".", "..", TEACHER, PAIRS, EVAL, CLASSIFIER):
-        raise UserError(f"--out {args.out!r}: give a plain folder name other than {TEACHER}, {PAIRS}, {EVAL} and "
-                        f"{CLASSIFIER} (default {DMD}; the warm start's: kd)")
+    if os.path.basename(args.out) != args.out or args.out in ("", ".", "..", TEACHER, PAIRS, EVAL, CLASSIFIER, VAE, LATENTS):
+        raise UserError(f"--out {args.out!r}: give a plain folder name other than {TEACHER}, {PAIRS}, {EVAL}, "
+                        f"{CLASSIFIER}, {VAE} and {LATENTS} (default {DMD}; the warm start's: kd)")
     if args.dm_weight == 0 and args.gan_weight == 0 and args.reg_weight == 0:
         raise UserError("--dm-weight 0 --gan-weight 0 --reg-weight 0: nothing trains netG; give one of them > 0")
     recipe = PRESETS[args.dataset]
@@ -136,18 +136,23 @@ def main():
     # --- set-up: the teacher, netG / µreal / µfake, the data, the optimisers (docs/ALGORITHM.md)
     teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance)
     cfg = dmd.StepConfig.from_args(args)
-    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, teacher.scheduler,
-                                                                    cfg.gan_weight > 0, args.seed, args.gan_head_input))
-    shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes
+    scheduler, vae = teacher.schedule.scheduler, teacher.vae and teacher.vae.vae  # the teacher's own, saved with students
+    net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, scheduler, cfg.gan_weight > 0,
+                                                                    args.seed, args.gan_head_input, vae))
+    shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes (latents: their shape)
     if args.generator_init and not args.resume:
         init_generator(net_g, args.generator_init, weights_hash(args.teacher))
     timesteps = generator_timesteps(T, cfg.generator_steps)  # (refuses a K that does not divide T)
     meta, pairs = read_pairs(args, timesteps) if args.pairs else ({}, None)
-    real = (load_splits(args.dataset, args.data_dir, main_process, shape, num_classes)[0]
+    real = (load_splits(args.dataset, args.data_dir, main_process, mu_real.image_shape, num_classes)[0]
             if dmd.needs_real_images(cfg) else None)
     check_real_images(args, real)
+    if real is not None and mu_real.vae:  # a latent teacher's G, µreal and µfake see real images as their latents
+        real = real_latents(args, real, mu_real.vae, accelerator)
     # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c) if args.reg_weight > 0 else (None, "none")
+    if reg_used == "lpips" and mu_real.vae:  # LPIPS compares images: a latent teacher's are decoded (with grad) first
+        reg_fn = DecodedDistance(reg_fn, mu_real.vae)
     opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
     st = TrainState(net_g, mu_fake, opt_g, opt_fake, *(lr_schedule(args, o) for o in (opt_g, opt_fake)),
                     AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
@@ -167,16 +172,16 @@ def main():
         config["notice"] = f"LPIPS unavailable: regression loss fell back to {reg_used}"
 
     # The student this run ships (dmd/pipeline) and its probe keeps (student_best): the EMA of netG when there is one
-    shipped, shipped_name = ((Denoiser(st.ema.module, teacher.scheduler), STUDENT_EMA) if st.ema else (net_g, STUDENT))
+    shipped, shipped_name = ((Denoiser(st.ema.module, scheduler, vae), STUDENT_EMA) if st.ema else (net_g, STUDENT))
     config["exported"] = shipped_name
 
     # --- what the run shows: sample grids on fixed seeds (one-step before distillation vs G now), the probe
     grids = SampleGrid(mu_real, shape, num_classes, timesteps, dev) if main_process else None
     probe = None
     if main_process and args.probe_every:
-        real_train, real_reference, _ = load_splits(args.dataset, args.data_dir, False, shape, num_classes)
+        real_train, real_reference, _ = load_splits(args.dataset, args.data_dir, False, mu_real.image_shape, num_classes)
         probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), real_reference, args.probe_samples, PROBE_SEED, shape,
-                           num_classes, timesteps, dev)
+                           num_classes, timesteps, dev, mu_real.decode)
         best = best_teacher_row(args.run_dir, config["teacher_hash"])
         if probe is not None and best is not None:  # the gap, read as evaluate.py reads it: against the teacher's best
             probe.set_gap_reference(best["model"], lambda z, y: sample_teacher(mu_real, z, y, best["steps"],
@@ -231,7 +236,7 @@ def main():
                 fid = row["probe_fid_ema" if st.ema else "probe_fid"]
                 if fid < st.best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
                     st.best_probe = fid
-                    save_student(shipped.backbone, teacher.scheduler, os.path.join(out, STUDENT_BEST), timesteps)
+                    save_student(shipped.backbone, scheduler, os.path.join(out, STUDENT_BEST), timesteps, vae)
                     write_json(dict(step=step, probe_fid=fid, of=shipped_name), os.path.join(out, STUDENT_BEST, "probe.json"))
             append_jsonl(row, os.path.join(out, "stats.jsonl"))
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -239,7 +244,7 @@ def main():
         if main_process and (step % args.sample_every == 0 or last):
             grids.save(net_g, out, step, accelerator.get_tracker(args.report_to) if args.report_to else None)
         if main_process and (step % args.ckpt_every == 0 or last):
-            save_checkpoint(out, st, teacher.scheduler, timesteps)
+            save_checkpoint(out, st, scheduler, timesteps, vae)
             plot_losses(out)
         if stop:
             break
@@ -253,8 +258,8 @@ def main():
                         best_probe_fid=st.best_probe if probe else None, exported=shipped_name,
                         gap_reference=probe.gap_reference if probe else None),
                    os.path.join(out, "summary.json"))
-        save_pipeline(shipped.backbone, teacher.scheduler, os.path.join(out, PIPELINE), timesteps,
-                      dict(config, steps_done=st.step))
+        save_pipeline(shipped.backbone, scheduler, os.path.join(out, PIPELINE), timesteps,
+                      dict(config, steps_done=st.step), vae)
         print(f"dmd: {st.step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{shipped_name}, {out}/{PIPELINE} "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
     accelerator.end_training()  # closes the trackers, and the process group: after the last collective (the gather)
@@ -305,11 +310,11 @@ def lr_schedule(args, optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
 
 
-def save_checkpoint(out, st, scheduler, timesteps):
+def save_checkpoint(out, st, scheduler, timesteps, vae=None):
     """The students (diffusers folders) and the training state; main process only."""
-    save_student(st.net_g.backbone, scheduler, os.path.join(out, STUDENT), timesteps)
+    save_student(st.net_g.backbone, scheduler, os.path.join(out, STUDENT), timesteps, vae)
     if st.ema:
-        save_student(st.ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps)
+        save_student(st.ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps, vae)
     save_state(st.state_dict(), os.path.join(out, STATE))
 
 
@@ -322,10 +327,13 @@ class SampleGrid:
         self.noise = seeded_noise(range(self.nrow * 2), shape, GRID_SEED, len(timesteps)).to(dev)
         y = balanced_labels(range(self.nrow * 2), num_classes)
         self.y = y.to(dev) if y is not None else None
-        self.before = sample_generator(mu_real, self.noise, self.y, timesteps[:1]).cpu()
+        self.decode = mu_real.decode  # a latent teacher's images
+        with torch.no_grad():
+            self.before = self.decode(sample_generator(mu_real, self.noise, self.y, timesteps[:1])).cpu()
 
+    @torch.no_grad()
     def save(self, net_g, out, step, tracker=None):
-        grid = torch.cat([self.before, sample_generator(net_g, self.noise, self.y, self.timesteps).cpu()])
+        grid = torch.cat([self.before, self.decode(sample_generator(net_g, self.noise, self.y, self.timesteps)).cpu()])
         save_grid(grid, os.path.join(out, "samples", f"step_{step:06d}.png"), nrow=self.nrow)
         save_grid(grid, os.path.join(out, "samples.png"), nrow=self.nrow)
         if tracker is not None:
@@ -344,6 +352,32 @@ def start_folder(out, args, config, step):
     truncate_jsonl(os.path.join(out, "stats.jsonl"), step)
     if os.path.exists(os.path.join(out, "summary.json")):
         os.remove(os.path.join(out, "summary.json"))
+
+
+def real_latents(args, real, vae, accelerator):
+    """The real images as a latent teacher's latents (with their labels), encoded once by the main process and
+    cached in <run-dir>/latents/ (data.encoded_dataset): the GAN head and the K-step inputs read a batch of them at
+    every step."""
+    cache = os.path.join(args.run_dir, LATENTS, f"{weights_hash(os.path.join(args.teacher, 'vae'))}-"
+                                                f"{args.dataset}-{len(real)}.safetensors")
+    if accelerator.is_main_process:
+        encoded_dataset(real, vae, cache)
+    accelerator.wait_for_everyone()
+    return encoded_dataset(real, vae, cache)
+
+
+class DecodedDistance(nn.Module):
+    """A distance between images (LPIPS), taken between the images a latent teacher's VAE decodes two latents to,
+    with gradient through the decoder into the generator's latents."""
+
+    def __init__(self, distance, vae):
+        super().__init__()
+        self.distance, self.vae = distance, vae
+
+    def forward(self, x, x_ref):
+        with torch.no_grad():
+            images_ref = self.vae.decode(x_ref)
+        return self.distance(self.vae.decode(x), images_ref)
 
 
 def check_real_images(args, real):

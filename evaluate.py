@@ -100,7 +100,7 @@ def main():
     rows_to_run = select_rows(all_rows(args, teacher, pairs, s, guidances, teacher_den), args.rows)  # before any work
 
     # --- reference images, the feature classifier, the extractor
-    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.shape, num_classes)
+    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.image_shape, num_classes)
     n_ref = min(len(real_test), args.num_reference)
     reference = f"{args.dataset} {what} (first {n_ref})"
     clf_dir = os.path.join(args.run_dir, CLASSIFIER)
@@ -120,6 +120,10 @@ def main():
                  reference_hash=hashlib.sha256(to_uint8(x_ref).numpy().tobytes()).hexdigest()[:16],
                  real_images=len(real_train))  # the data itself: another source under the same names is not reused
     reused = {} if args.rescore else reusable_rows(os.path.join(out, "report.json"), setup)
+    asked = {spec.name for spec in rows_to_run if is_teacher_ddim(spec.name)}  # the grid's teacher rows
+    if asked:  # and every teacher row scored before on this setup (past the grid too): a rerun keeps the best row
+        rows_to_run += [teacher_row(teacher, r["guidance"], r["steps"], guidable) for name, r in reused.items()
+                        if is_teacher_ddim(name) and name not in asked]
     # the `real` row's images: a random draw (datasets may be sorted by class), distinct per repeat
     real_draw = torch.randperm(len(real_train), generator=torch.Generator().manual_seed(seeds[0]))
     if N * R > len(real_draw):
@@ -169,9 +173,9 @@ def main():
     for spec in rows_to_run:
         measure(spec)
     yardstick = None
-    if any(is_teacher_ddim(r["model"]) for r in rows):  # the teacher's best row must be a minimum of the grid
+    if asked:  # the teacher's best row must be a minimum of the grid
         yardstick = extend_grid(rows, lambda g, n: measure(teacher_row(teacher, g, n, guidable)), teacher_den.T,
-                                guidable, args.extend_rows)
+                                guidable, args.extend_rows, asked)
     rows.sort(key=row_order)
 
     report = dict(dataset=args.dataset, feature_extractor=label, num_samples=N, repeats=R, reference=reference,
@@ -285,6 +289,9 @@ def all_rows(args, teacher, pairs, s, guidances, teacher_den):
     for g in guidances:
         steps = args.ddim_steps + ([pairs["sampling_steps"]] if pairs and g == pairs["guidance"] else [])
         rows += [teacher_row(teacher, g, n, guidable) for n in sorted(set(steps))]
+    if args.full_ddpm and teacher_den.schedule.kind != "ddpm":
+        raise UserError("--full-ddpm is the DDPM family's ancestral sampler; a flow-matching teacher's multi-step "
+                        "sampler is its Euler ODE (the DDIM-N rows): drop --full-ddpm")
     if args.full_ddpm:
         rows.append(Row(f"teacher-ddpm-{T}", teacher, functools.partial(ddpm_sampler, s=s), T * (1 + (s != 1.0 and guidable)),
                         guidance=s))
@@ -335,22 +342,24 @@ def grid_neighbours(rows, T, guidable):
     return best, [w for w in wanted if w not in have], edges
 
 
-def extend_grid(rows, score, T, guidable, budget):
+def extend_grid(rows, score, T, guidable, budget, grid):
     """Score teacher rows past the grid's edges (`score(guidance, steps)` appends the row to `rows`) until the best row
-    has a worse neighbour on every side, or `budget` rows have been added (--extend-rows). Returns what the report
-    says of it: how many rows were tried, the best, whether it is an interior minimum, and why not where not."""
-    start, added = sum(is_teacher_ddim(r["model"]) for r in rows), []
+    has a worse neighbour on every side, or `budget` rows have been scored by this call (--extend-rows). `grid`: the
+    names of the teacher rows asked for. Returns what the report says of it: how many rows were tried, which lie past
+    the grid (scored now or reused), the best, whether it is an interior minimum, and why not where not."""
+    scored = 0
     while True:
         best, missing, edges = grid_neighbours(rows, T, guidable)
-        if not missing or len(added) >= budget:
+        if not missing or scored >= budget:
             break
-        for g, n in missing[:budget - len(added)]:
+        for g, n in missing[:budget - scored]:
             score(g, n)
-            added.append(rows[-1]["model"])
+            scored += 1
     if missing:
         edges.append(f"the budget of --extend-rows {budget} rows past the grid was spent before "
                      f"{', '.join(teacher_row_name(n, g, guidable) for g, n in missing)} could be scored")
-    return dict(best=best["model"], rows_tried=start + len(added), grid_rows=start, added=added,
+    teacher = [r["model"] for r in rows if is_teacher_ddim(r["model"])]
+    return dict(best=best["model"], rows_tried=len(teacher), grid_rows=len(grid), added=[m for m in teacher if m not in grid],
                 interior=not missing and not edges, edges=edges)
 
 

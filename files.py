@@ -2,11 +2,13 @@
 starting, resuming or refusing a run.
 
 A run folder chains the scripts with no flags:
+    <run-dir>/vae/          train_vae.py      (a latent teacher's autoencoder: train_teacher.py --vae reads it)
     <run-dir>/teacher/      train_teacher.py  (read by every other script)
     <run-dir>/pairs/        precompute.py     (read by distill.py)
     <run-dir>/dmd/          distill.py        (student/, student_ema/, student_best/, pipeline/ inside)
     <run-dir>/classifier/   evaluate.py       (the FID feature extractor where Inception cannot be had)
     <run-dir>/eval/         evaluate.py
+    <run-dir>/latents/      train_teacher.py, distill.py (real images encoded by a latent teacher's VAE, cached)
 """
 import contextlib
 import json
@@ -19,6 +21,7 @@ import torch
 from cli import UserError
 
 TEACHER, PAIRS, DMD, CLASSIFIER, EVAL = "teacher", "pairs", "dmd", "classifier", "eval"
+VAE, LATENTS = "vae", "latents"
 STUDENT, STUDENT_EMA, STUDENT_BEST = "student", "student_ema", "student_best"  # inside dmd/
 PIPELINE = "pipeline"  # inside dmd/: the student as a diffusers pipeline, with its model card
 STATE = "train_state.pt"  # the training state beside a run's outputs, for --resume

@@ -268,13 +268,13 @@ def required_best_teacher_row(run_dir, teacher_hash, flag, otherwise):
     return best
 
 
-def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device):
+def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode=None):
     """A Probe, or None where `evaluate.py --prepare` has not made the classifier yet."""
     if not os.path.isfile(os.path.join(classifier_dir, "config.json")):
         print(f"notice: no {classifier_dir}; quality probe off (make it with `python evaluate.py --prepare`)",
               file=sys.stderr)
         return None
-    return Probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device)
+    return Probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode)
 
 
 class Probe:
@@ -284,9 +284,9 @@ class Probe:
     features, the way evaluate.py computes them: a collapse shows in recall before FID. With `set_gap_reference`, also the share of the gap
     between the teacher's best evaluated row and the real floor that the generator closes, all three measured here,
     on the probe's seeds and sample count (an FID's level depends on the sample count: the evaluation's numbers are not
-    on this scale)."""
+    on this scale). `decode`: a latent teacher's latents -> images (Denoiser.decode); None for pixels."""
 
-    def __init__(self, classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device):
+    def __init__(self, classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode=None):
         self.fe, self.layer, _, _ = feature_extractor("classifier", classifier_dir, device=device)
         self.clf = Classifier.from_pretrained(classifier_dir).eval()
         self.device, self.timesteps, self.num_samples = device, timesteps, num_samples
@@ -297,6 +297,7 @@ class Probe:
         self.noise = seeded_noise(range(num_samples), shape, seed, len(timesteps))
         self.y = balanced_labels(range(num_samples), num_classes)
         self.gap_reference = None
+        self.decode = decode or (lambda x: x)
 
     def fid(self, x, features=None):
         f = extract(self.fe, self.layer, x, False, self.device) if features is None else features
@@ -304,10 +305,11 @@ class Probe:
                                               False)["frechet_inception_distance"])
 
     def batches(self, make):
-        """make(z, y) on the probe's noise (its first draw) and labels, 250 at a time, concatenated on the CPU."""
+        """make(z, y) on the probe's noise (its first draw) and labels, 250 at a time, decoded, concatenated on the
+        CPU."""
         z = self.noise if self.noise.dim() == 4 else self.noise[0]
-        return torch.cat([make(z[i:i + 250].to(self.device), self.y[i:i + 250].to(self.device) if self.y is not None
-                               else None).cpu() for i in range(0, self.num_samples, 250)])
+        return torch.cat([self.decode(make(z[i:i + 250].to(self.device), self.y[i:i + 250].to(self.device)
+                                           if self.y is not None else None)).cpu() for i in range(0, self.num_samples, 250)])
 
     @torch.no_grad()
     def set_gap_reference(self, name, teacher, real_train):
@@ -326,7 +328,7 @@ class Probe:
                                    self.y[i:i + 250].to(self.device) if self.y is not None else None, self.timesteps,
                                    every_step=True)
                   for i in range(0, self.num_samples, 250)]
-        steps = [torch.cat([c[k].cpu() for c in chunks]) for k in range(len(self.timesteps))]
+        steps = [torch.cat([self.decode(c[k]).cpu() for c in chunks]) for k in range(len(self.timesteps))]
         x = steps[-1]
         f = extract(self.fe, self.layer, x, False, self.device)
         precision, recall = precision_recall(f, self.prc_ref)

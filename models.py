@@ -10,12 +10,14 @@ import math
 
 import torch
 import torch.nn as nn
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from einops import rearrange
 from einops.layers.torch import Rearrange
 
 from cli import UserError
 from contextunet import ContextUnet
 from recipes import PRESETS
+from schedules import make_schedule
 
 
 class DiscriminatorHead(nn.Module):
@@ -62,6 +64,8 @@ def bottleneck_channels(backbone, head_input="bottleneck"):
     if isinstance(backbone, ContextUnet):
         n = backbone.config.n_feat
         return {"up": n, "levels": (n, n, 2 * n)}.get(head_input, 2 * n)
+    if isinstance(backbone, DiTTransformer2DModel):
+        return backbone.config.num_attention_heads * backbone.config.attention_head_dim
     return backbone.config.block_out_channels[-1]
 
 
@@ -77,41 +81,80 @@ CELEBA_UNET = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_blo
                    down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3)
 
 
-def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shape=None, num_classes=0, null_class=True):
-    """A fresh (untrained) backbone and its DDPM scheduler. `unet` overrides the UNet2DModel config. "custom": a
-    small UNet2DModel (CelebA's) for images of `shape` (C, H, W), class-conditional when `num_classes` > 0 through
-    num_class_embeds = num_classes + 1, the last being the null label of classifier-free guidance; `null_class=False`
-    (a teacher trained without label dropout) leaves it out, as it would stay untrained and guidance would use it."""
+def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shape=None, num_classes=0, null_class=True,
+                 schedule="ddpm", backbone=None, shift=1.0, clip_sample=True):
+    """A fresh (untrained) backbone and its scheduler.
+    backbone: "contextunet" (MNIST's and Fashion-MNIST's, 28x28), "unet" (UNet2DModel: CIFAR-10's and CelebA's
+    configs, or a small one sized to `shape`), "dit" (a small DiTTransformer2DModel for `shape`); default the
+    dataset's own, or a small UNet2DModel where `shape` (C, H, W) is not the preset's (a latent teacher's latents, or
+    your own images: "custom"). `unet` overrides the UNet2DModel's or the DiT's config. Class-conditional where the
+    dataset or `num_classes` > 0 says so, with a null label for classifier-free guidance (UNet2DModel: the last of
+    num_classes + 1 embeddings; `null_class=False`, a teacher trained without label dropout, leaves it out, as it
+    would stay untrained and guidance would use it; ContextUnet and DiT always have theirs).
+    schedule: "ddpm" (linear β, `prediction_type`, x̂0 clipped to [-1, 1] when `clip_sample`: pixels, not latents)
+    or "flow" (FlowMatchEulerDiscreteScheduler with `shift`; the network predicts the velocity)."""
     spec = PRESETS[dataset]
     T, beta_end = spec["T"] or 1000, spec.get("beta_end", 0.02)
-    if dataset in ("mnist", "fashion-mnist"):
-        backbone = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=10, sample_size=28, num_train_timesteps=T)
-    elif dataset == "custom":
-        config = dict(CELEBA_UNET, sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0],
-                      num_class_embeds=num_classes + int(null_class) if num_classes else None)
-        backbone = UNet2DModel(**{**config, **(unet or {})})
-        if num_classes and null_class:
-            backbone.register_to_config(_null_class_label=num_classes)  # private: diffusers keeps it and ignores it
+    shape, num_classes = tuple(shape or spec["shape"]), spec["num_classes"] or num_classes
+    backbone = backbone or ("contextunet" if dataset in ("mnist", "fashion-mnist") and shape == spec["shape"] else "unet")
+    if backbone == "contextunet":
+        if shape != (1, 28, 28):
+            raise UserError(f"the ContextUnet makes 1x28x28 images, not {'x'.join(map(str, shape))}: use --backbone "
+                            f"unet or dit")
+        net = ContextUnet(in_channels=1, n_feat=n_feat, n_classes=num_classes, sample_size=28, num_train_timesteps=T)
+    elif backbone == "dit":
+        net = DiTTransformer2DModel(**{**small_dit(shape, num_classes), **(unet or {})})
+    elif shape == spec["shape"] and dataset in ("cifar10", "celeba"):
+        net = UNet2DModel(**{**(CIFAR10_UNET if dataset == "cifar10" else CELEBA_UNET), **(unet or {})})
     else:
-        backbone = UNet2DModel(**{**(CIFAR10_UNET if dataset == "cifar10" else CELEBA_UNET), **(unet or {})})
-    scheduler = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=beta_end,
-                              beta_schedule="linear", prediction_type=prediction_type, clip_sample=True)
-    return backbone, scheduler
+        net = UNet2DModel(**{**small_unet(shape, num_classes + int(null_class) if num_classes else None), **(unet or {})})
+        if num_classes and null_class:
+            net.register_to_config(_null_class_label=num_classes)  # private: diffusers keeps it and ignores it
+    if schedule == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=beta_end, beta_schedule="linear",
+                                  prediction_type=prediction_type, clip_sample=clip_sample)
+    return net, scheduler
+
+
+def small_unet(shape, num_class_embeds=None):
+    """CelebA's small UNet2DModel config for images (or latents) of `shape`, with as many of its 3 levels as the size
+    can be halved into (14x14 latents: 2, 14 -> 7; 28 and up: 3)."""
+    size, levels = shape[-1], 1
+    while levels < 3 and size % 2 == 0:
+        size, levels = size // 2, levels + 1
+    return dict(CELEBA_UNET, sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0],
+                block_out_channels=CELEBA_UNET["block_out_channels"][:levels], num_class_embeds=num_class_embeds,
+                down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels)
+
+
+def small_dit(shape, num_classes):
+    """A small DiTTransformer2DModel config (DiT-S/2's shape scaled down: 6 blocks of width 128, patches of 2 pixels,
+    or 1 where the size is odd) for `shape`. DiT is always class-conditional (adaLN-zero on a label embedding whose
+    last row is the null label): an unconditional teacher has one class."""
+    return dict(sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0], num_layers=6,
+                num_attention_heads=4, attention_head_dim=32, patch_size=2 if shape[-1] % 2 == 0 else 1,
+                num_embeds_ada_norm=max(num_classes, 1))
 
 
 def class_labels_of(backbone):
     """(number of real classes, the null label that classifier-free guidance needs, or None) of a backbone.
-    ContextUnet: n_classes, null = n_classes. UNet2DModel: num_class_embeds; a teacher trained here with label
-    dropout also carries `_null_class_label` in its config (the last embedding); others have no null label."""
+    ContextUnet: n_classes, null = n_classes. DiT: num_embeds_ada_norm, null = that number (the label table's extra
+    row, DiT's class dropout; one class = unconditional). UNet2DModel: num_class_embeds; a teacher trained here with
+    label dropout also carries `_null_class_label` in its config (the last embedding); others have no null label."""
     c = backbone.config
     if isinstance(backbone, ContextUnet):
         return c.n_classes, c.n_classes
+    if isinstance(backbone, DiTTransformer2DModel):
+        n = c.num_embeds_ada_norm
+        return (n, n) if n > 1 else (0, None)
     n, null = c.get("num_class_embeds") or 0, c.get("_null_class_label")
     return (n - 1, null) if null is not None else (n, None)
 
 
 def image_shape(backbone):
-    """(C, H, W) of the images a backbone makes, from its own config."""
+    """(C, H, W) of the images (or latents) a backbone makes, from its own config."""
     size = backbone.config.sample_size
     h, w = size if isinstance(size, (tuple, list)) else (size, size)
     if h != w:
@@ -120,44 +163,77 @@ def image_shape(backbone):
     return backbone.config.in_channels, h, w
 
 
-BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel}
+BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
 
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-class Denoiser(nn.Module):
-    """Wraps a backbone and its schedule. `x0(x_t, t, y, s)` is the teacher's estimate of the clean image. µfake
-    also carries DMD2's GAN head (`head`), so that one optimiser and one data-parallel wrapper hold both."""
+class Autoencoder:
+    """A latent teacher's VAE (diffusers AutoencoderKL): the images a latent denoiser's latents stand for. Frozen, and
+    not a submodule of any network: netG, µreal and µfake share it and none trains it (nor saves, moves or checksums
+    it with its own weights). latents = (E(x) - shift_factor) · scaling_factor, both from the VAE's config (SD's
+    convention; shift_factor is Flux's, 0 where absent); images = D(latents / scaling_factor + shift_factor)."""
 
-    def __init__(self, backbone, scheduler, head=None, head_input="bottleneck"):
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scale, self.shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # AutoencoderKL halves the size per block but one
+
+    def to(self, device):
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x, generator=None):
+        """Images in [-1, 1] (B, C, H, W) -> latents: one draw of the VAE's posterior (as SD's training takes it)."""
+        return (self.vae.encode(x).latent_dist.sample(generator) - self.shift) * self.scale
+
+    def decode(self, z):
+        """Latents -> images in [-1, 1] (unclipped); with grad where the caller has it."""
+        return self.vae.decode(z / self.scale + self.shift).sample
+
+    def image_shape(self, latent_shape):
+        c, h, w = latent_shape
+        return self.vae.config.out_channels, h * self.factor, w * self.factor
+
+
+class Denoiser(nn.Module):
+    """Wraps a backbone and its schedule (schedules.py: DDPM or flow matching, from the teacher's scheduler).
+    `x0(x_t, t, y, s)` is the teacher's estimate of the clean image (of the latents, for a latent teacher, whose VAE
+    `vae` holds: `decode` gives the images). µfake also carries DMD2's GAN head (`head`), so that one optimiser and
+    one data-parallel wrapper hold both."""
+
+    def __init__(self, backbone, scheduler, vae=None, head=None, head_input="bottleneck"):
         super().__init__()
         if isinstance(backbone, ContextUnet):  # (in place) its calls took 0.63-0.88x the time on CPU with channels-last
             backbone.to(memory_format=torch.channels_last)  # weights (oneDNN; measured on CPU only, docs/RESULTS.md);
             # UNet2DModel's did not (0.94-1.15x), so it keeps its layout
         self.backbone, self.head, self.head_input = backbone, head, head_input
-        self.scheduler = scheduler  # the DDPM schedule it was trained with (saved beside a student)
-        self.prediction_type = scheduler.config.prediction_type
-        self.T = scheduler.config.num_train_timesteps
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.to(torch.float64), persistent=False)
+        self.schedule = make_schedule(scheduler)
+        self.prediction_type, self.T = self.schedule.prediction_type, self.schedule.T
+        self.vae = vae if vae is None or isinstance(vae, Autoencoder) else Autoencoder(vae)
         self.num_classes, self.null_label = class_labels_of(backbone)
-        self.shape = image_shape(backbone)
+        self.shape = image_shape(backbone)  # what the backbone makes: images, or a latent teacher's latents
+        self.image_shape = self.vae.image_shape(self.shape) if self.vae else self.shape
 
     def forward(self, x_t, t, y=None, realism=False, for_x0=False, features=None):
-        """The backbone's raw output (ε, v or x0, by prediction_type); y = None or the null label = unconditional.
-        realism=True: the GAN head's logit on the bottleneck features instead (µfake only), or on `features` where
-        given (another network's bottleneck of the same x_t: --gan-features teacher).
+        """The backbone's raw output (ε, v, x0 or the flow velocity, by the schedule); y = None or the null label =
+        unconditional. realism=True: the GAN head's logit on the bottleneck features instead (µfake only), or on
+        `features` where given (another network's bottleneck of the same x_t: --gan-features teacher).
         for_x0=True: the output will become x̂0. An ε-teacher's x̂0 multiplies ε̂'s error by √(1-ᾱ_t)/√ᾱ_t (157 at
         t = T-1 on CIFAR-10's schedule), so under bf16/fp16 autocast the samples where that factor exceeds 1 (ᾱ_t <
-        1/2) are computed in float32; the others, and v- or sample-prediction teachers, keep the autocast dtype."""
+        1/2) are computed in float32; the others, and other teachers, keep the autocast dtype."""
         if realism:
             return self.head(self.bottleneck(x_t, t, y) if features is None else features, y)
         device = x_t.device.type
-        if not (for_x0 and self.prediction_type == "epsilon" and torch.is_autocast_enabled(device)):
+        if not (for_x0 and torch.is_autocast_enabled(device)):
             return self.raw(x_t, t, y)
-        t = torch.as_tensor(t, device=x_t.device).expand(len(x_t))
-        exact = self.alphas_cumprod[t] < 0.5
+        t = self.schedule.expand(t, x_t)
+        exact = self.schedule.amplifies_error(t)
+        if not exact.any():
+            return self.raw(x_t, t, y)
         out = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
         for part, autocast in ((~exact, True), (exact, False)):
             if part.any():  # the backbone itself, not self(): accelerate's prepare() re-wraps self.forward in autocast
@@ -167,15 +243,22 @@ class Denoiser(nn.Module):
         return out
 
     def raw(self, x_t, t, y=None):
-        """The backbone's output, as it comes."""
+        """The backbone's output, as it comes (a DiT's learned-σ half, where it has one, split off), at the network
+        timestep of t (flow: σ_t T)."""
+        t = self.schedule.model_timestep(self.schedule.expand(t, x_t))
+        if isinstance(self.backbone, DiTTransformer2DModel):  # always class-conditional: label 0 for the one class
+            y = y if self.num_classes else torch.zeros(len(x_t), dtype=torch.long, device=x_t.device)
+            return self.backbone(x_t, t, class_labels=y).sample[:, :x_t.shape[1]]
         return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
 
     def bottleneck(self, x_t, t, y=None):
         """The backbone's bottleneck features (B, C, h, w), where x_t, t and y have all entered, so the GAN head can
         judge "a real 7 at this noise level": ContextUnet's modulated 7x7 bottleneck (no up path; `head_input`
         "down": the down path's 7x7 map, "up": the first up block's 14x14 map, "levels": the down path's three maps,
-        28x28, 14x14 and 7x7, as a tuple for LevelHeads), or UNet2DModel's mid-block output (through a whole forward:
-        diffusers has no encoder-only call)."""
+        28x28, 14x14 and 7x7, as a tuple for LevelHeads), UNet2DModel's mid-block output, or a DiT's tokens after its
+        middle transformer block laid out as their patch grid (B, inner dim, h/p, w/p): the deepest point that is
+        still a map of the image, as the UNet's mid block is (a whole forward each: diffusers has no encoder-only
+        call)."""
         if isinstance(self.backbone, ContextUnet):
             if self.head_input == "down":  # --gan-head-input down: the down path alone, blind to t and y
                 return self.backbone.encode(x_t)[-1]
@@ -184,12 +267,18 @@ class Denoiser(nn.Module):
             if self.head_input == "up":  # --gan-head-input up: t and y entered, spatial layout kept
                 return self.backbone.up_features(x_t, t, y if self.num_classes else None)
             return self.backbone.bottleneck(x_t, t, y if self.num_classes else None)
+        dit = isinstance(self.backbone, DiTTransformer2DModel)
+        block = (self.backbone.transformer_blocks[len(self.backbone.transformer_blocks) // 2] if dit
+                 else self.backbone.mid_block)
         captured = []
-        hook = self.backbone.mid_block.register_forward_hook(lambda module, args, out: captured.append(out))
+        hook = block.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
             self(x_t, t, y)
         finally:
             hook.remove()
+        if dit:
+            side = self.shape[-1] // self.backbone.config.patch_size
+            return rearrange(captured[0], "b (h w) c -> b c h w", h=side)
         return captured[0]
 
     def guided(self, x_t, t, y=None, s=1.0):
@@ -198,53 +287,53 @@ class Denoiser(nn.Module):
         if (not torch.is_tensor(s) and s == 1.0) or self.null_label is None:
             return self(x_t, t, y, for_x0=True)
         null = torch.full_like(y, self.null_label)
-        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        t = self.schedule.expand(t, x_t)
         out_c, out_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]), for_x0=True).chunk(2)
         s = s.view(-1, *[1] * (x_t.dim() - 1)).to(out_c.dtype) if torch.is_tensor(s) else s
         return out_u + s * (out_c - out_u)
 
     def to_x0(self, x_t, t, out):
-        """x̂0 from the raw output, in float64 (1/sqrt(ᾱ_t) is up to 158 near t = T-1), cast back."""
-        a = self.alphas_cumprod[torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])].view(-1, 1, 1, 1)
-        x_t64, out64 = x_t.double(), out.double()
-        if self.prediction_type == "epsilon":
-            x0 = (x_t64 - (1 - a).sqrt() * out64) / a.sqrt()
-        elif self.prediction_type == "v_prediction":
-            x0 = a.sqrt() * x_t64 - (1 - a).sqrt() * out64
-        else:  # "sample"
-            x0 = out64
-        return x0.to(x_t.dtype)
+        """x̂0 from the raw output (the schedule's formula, in float64, cast back)."""
+        return self.schedule.to_x0(x_t, t, out)
 
     def x0(self, x_t, t, y=None, s=1.0):
         return self.to_x0(x_t, t, self.guided(x_t, t, y, s))
 
     def add_noise(self, x0, eps, t):
-        """x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε (the scheduler's own)."""
-        return self.scheduler.add_noise(x0, eps, t)
+        """x_t = a_t x0 + b_t ε (DDPM: √ᾱ_t, √(1-ᾱ_t); flow: 1-σ_t, σ_t)."""
+        return self.schedule.add_noise(x0, eps, t)
 
     def target(self, x0, eps, t):
-        """What the backbone is trained to output at (x_t, t): the teacher's own denoising objective
-        (v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x0 for v-prediction, the scheduler's get_velocity)."""
-        if self.prediction_type == "epsilon":
-            return eps
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, eps, t)
-        return x0
+        """What the backbone is trained to output at (x_t, t): the teacher's own denoising objective (ε, v, x0, or
+        the flow velocity ε - x0)."""
+        return self.schedule.target(x0, eps, t)
+
+    def decode(self, x):
+        """What the generator's outputs look like: the VAE's images of a latent teacher's latents, else x itself."""
+        return self.vae.decode(x) if self.vae else x
+
+    def to(self, *args, **kwargs):
+        """Also moves the VAE (kept out of the module tree) to the device asked for, if any."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]  # how nn.Module.to reads its arguments
+        if self.vae is not None and device is not None:
+            self.vae.to(device)
+        return super().to(*args, **kwargs)
 
 
-def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="bottleneck"):
+def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="bottleneck", vae=None):
     """netG, µreal, µfake: three copies of µbase (µfake with DMD2's GAN head when `gan_head`, its initial weights
-    drawn from `seed`, so runs repeat and every process starts alike; `head_input`: Denoiser.bottleneck). µreal is frozen; all three run in eval mode
-    (dropout off, BatchNorm on running statistics) so an image never depends on its batch."""
-    net_g = Denoiser(copy.deepcopy(backbone), scheduler).eval().requires_grad_(True)
+    drawn from `seed`, so runs repeat and every process starts alike; `head_input`: Denoiser.bottleneck), sharing a
+    latent teacher's frozen `vae`. µreal is frozen; all three run in eval mode (dropout off, BatchNorm on running
+    statistics) so an image never depends on its batch."""
+    net_g = Denoiser(copy.deepcopy(backbone), scheduler, vae).eval().requires_grad_(True)
     head = None
     if gan_head:
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             torch.manual_seed(seed)
             channels, num_classes = bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0]
             head = (LevelHeads if isinstance(channels, tuple) else DiscriminatorHead)(channels, num_classes)
-    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, head, head_input).eval().requires_grad_(True)
-    mu_real = Denoiser(backbone, scheduler, head_input=head_input).eval().requires_grad_(False)  # its features: µfake's kind
+    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, vae, head, head_input).eval().requires_grad_(True)
+    mu_real = Denoiser(backbone, scheduler, vae, head_input=head_input).eval().requires_grad_(False)  # its features: µfake's kind
     return net_g, mu_real, mu_fake
 
 

@@ -25,7 +25,7 @@ from files import PAIRS, atomic, load_json, write_json
 from checkpoints import default_teacher, open_teacher, weights_hash
 from metrics import required_best_teacher_row
 from recipes import PRESETS, grid_columns
-from sampling import balanced_labels, ddim_scheduler, generator_timesteps, sample_teacher, seeded_noise
+from sampling import balanced_labels, generator_timesteps, sample_teacher, seeded_noise
 
 
 def main():
@@ -71,7 +71,7 @@ def main():
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
     den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device)
     state_ts = generator_timesteps(den.T, args.generator_steps)[1:]  # none for K = 1
-    grid = [int(t) for t in ddim_scheduler(den, args.sampling_steps).timesteps]
+    grid = den.schedule.sampling_timesteps(args.sampling_steps)
     if not set(state_ts) <= set(grid):
         fix = ("drop --best-row and pass --sampling-steps (a multiple of K) and --guidance" if args.best_row else
                "pass --sampling-steps a multiple of K")
@@ -79,7 +79,8 @@ def main():
                         f"DDIM-{args.sampling_steps}'s: {fix}, or drop --generator-steps")
     n_shards = math.ceil(args.num_pairs / args.shard_size)
     meta = dict(dataset=args.dataset, teacher=source, teacher_hash=weights_hash(source),
-                prediction_type=den.prediction_type, sampler="ddim", eta=0.0, timestep_spacing="trailing",
+                prediction_type=den.prediction_type, sampler="ddim" if den.schedule.kind == "ddpm" else "euler",
+                eta=0.0, timestep_spacing="trailing",
                 sampling_steps=args.sampling_steps, guidance=args.guidance, seed=args.seed, num_pairs=args.num_pairs,
                 shard_size=args.shard_size, num_shards=n_shards, shape=list(den.shape), dtype="float32",
                 labels="i % num_classes" if den.num_classes else None, num_classes=den.num_classes)
@@ -140,7 +141,8 @@ def main():
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and todo:
-        first = load_file(shard_path(out, 0))["image"][:80]
+        with torch.no_grad():  # (a latent teacher's pairs are latents: the preview shows their images)
+            first = den.decode(load_file(shard_path(out, 0))["image"][:80].to(accelerator.device)).cpu()
         save_grid(first, os.path.join(out, "preview.png"), nrow=grid_columns(den.num_classes))
         dt = time.time() - t0
         print(f"pairs: {n_todo} written in {dt:.1f} s ({n_todo / dt:.1f} pairs/s, "

@@ -10,7 +10,7 @@ probe PROBE_SEED.., and evaluation EVAL_SEED.. (evaluate.py refuses seeds that o
 import time
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 import cli
 
@@ -20,33 +20,32 @@ GRID_SEED, PROBE_SEED, EVAL_SEED = 10 ** 6, 2 * 10 ** 6, 10 ** 7
 @torch.no_grad()
 def sample_teacher(denoiser, z, y=None, steps=25, s=1.0, ddpm=False, generator=None, progress=False, states_at=None,
                    guidance_t_max=1.0):
-    """Multi-step sampling from x_T = z with diffusers' schedulers on the teacher's own schedule.
-    DDIM (eta = 0, deterministic; "trailing" spacing so the first step is t = T-1, where x_T = z lives;
-    x̂0 clipped to [-1, 1] as the scheduler config says, and ε̂ recomputed from the clipped x̂0)
-    or full ancestral DDPM (`ddpm=True`, every one of the T steps; randomness from `generator`).
+    """Multi-step sampling from x_T = z with diffusers' schedulers on the teacher's own schedule (schedules.py):
+    the deterministic sampler on `steps` timesteps with "trailing" spacing, so the first step is t = T-1, where
+    x_T = z lives (DDPM family: DDIM, eta = 0, x̂0 clipped to [-1, 1] as the scheduler config says and ε̂ recomputed
+    from the clipped x̂0; flow matching: Euler on the probability-flow ODE), or full ancestral DDPM (`ddpm=True`,
+    every one of the T steps, randomness from `generator`; DDPM teachers only).
     states_at: a dict {timestep: None} that gets, for each of its timesteps, the state x_t the step at t starts from.
     guidance_t_max: guidance s only at the steps with t <= this x T, none above (distill.py's µreal has the same switch)."""
     if ddpm:
-        sched = DDPMScheduler.from_config(denoiser.scheduler.config)
+        if denoiser.schedule.kind != "ddpm":
+            raise cli.UserError("full ancestral DDPM sampling (--full-ddpm) is for DDPM teachers; a flow-matching "
+                                "teacher's multi-step sampler is its Euler ODE: drop --full-ddpm")
+        sched = DDPMScheduler.from_config(denoiser.schedule.scheduler.config)
         sched.set_timesteps(denoiser.T)
+        timesteps = [int(t) for t in sched.timesteps]
+
+        def step(out, i, x):
+            return sched.step(out, sched.timesteps[i], x, generator=generator).prev_sample
     else:
-        sched = ddim_scheduler(denoiser, steps)
+        timesteps, step = denoiser.schedule.sampling_timesteps(steps), denoiser.schedule.sampler(steps)
     x = z
-    for t in (cli.progress(sched.timesteps, desc="sampling", leave=False) if progress else sched.timesteps):
-        if states_at is not None and int(t) in states_at:
-            states_at[int(t)] = x
-        out = denoiser.guided(x, t.to(z.device), y, s if int(t) <= guidance_t_max * denoiser.T else 1.0)
-        # use_clipped_model_output: with clip_sample, take ε̂ from the clipped x̂0, else guided steps diverge
-        x = (sched.step(out, t, x, generator=generator) if ddpm else
-             sched.step(out, t, x, eta=0.0, use_clipped_model_output=True)).prev_sample
+    for i, t in enumerate(cli.progress(timesteps, desc="sampling", leave=False) if progress else timesteps):
+        if states_at is not None and t in states_at:
+            states_at[t] = x
+        out = denoiser.guided(x, torch.tensor(t, device=z.device), y, s if t <= guidance_t_max * denoiser.T else 1.0)
+        x = step(out, i, x)
     return x
-
-
-def ddim_scheduler(denoiser, steps):
-    """The teacher's DDIM sampler at `steps` steps; its .timesteps are the grid it visits, T-1 first."""
-    sched = DDIMScheduler.from_config(denoiser.scheduler.config, timestep_spacing="trailing")
-    sched.set_timesteps(steps)
-    return sched
 
 
 def seeded_noise(indices, shape, seed, draws=1):
@@ -97,10 +96,10 @@ def sample_generator(den, noise, y, timesteps, every_step=False):
 
 @torch.no_grad()
 def generate(den, sample, indices, seed, batch_size, device="cpu", desc="sampling", draws=1):
-    """Images in [-1, 1] (CPU), labels (or None) and seconds per batch for sample indices: noise seed+i (`draws`
-    draws of it, for the K-step generator), label i % num_classes. `sample(noise, y, generator)` makes a batch:
-    one_step, sample_teacher, sample_generator (`generator` for samplers that draw noise along the way, seeded by the
-    batch's first sample)."""
+    """Images in [-1, 1] (CPU; a latent teacher's decoded), labels (or None) and seconds per batch for sample indices:
+    noise seed+i (`draws` draws of it, for the K-step generator), label i % num_classes. `sample(noise, y, generator)`
+    makes a batch: one_step, sample_teacher, sample_generator (`generator` for samplers that draw noise along the way,
+    seeded by the batch's first sample)."""
     images, labels, seconds = [], [], []
     indices = list(indices)
     shape = den.shape
@@ -110,8 +109,8 @@ def generate(den, sample, indices, seed, batch_size, device="cpu", desc="samplin
         y_dev = y.to(device) if y is not None else None
         sync(device)
         t0 = time.perf_counter()
-        x = sample(z, y_dev, torch.Generator(device).manual_seed(seed + idx[0]))
-        sync(device)
+        x = den.decode(sample(z, y_dev, torch.Generator(device).manual_seed(seed + idx[0])))  # images: a latent
+        sync(device)  # teacher's decoded by its VAE (in the latency, as in its pipeline)
         seconds.append(time.perf_counter() - t0)
         images.append(x.float().cpu())
         labels.append(y)

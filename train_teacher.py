@@ -1,11 +1,15 @@
-"""Train a DDPM teacher (µbase) where no pretrained one can be had (MNIST, CelebA).
+"""Train a teacher (µbase) where no pretrained one can be had (MNIST, CelebA): DDPM or flow matching, on pixels or
+on a VAE's latents.
 
     python train_teacher.py --dataset mnist                         # the seed's size: n_feat 128, 20 epochs
     python train_teacher.py --n-feat 32 --max-minutes 9 --lr 1e-3   # CPU size
+    python train_teacher.py --schedule flow --time-sampling logit-normal          # flow matching, as SD3 trains
+    python train_teacher.py --dataset fashion-mnist --vae runs/fashion-mnist/vae --backbone dit   # latent (train_vae.py)
     accelerate launch train_teacher.py ...                          # data-parallel over processes / GPUs
 
 Writes <run-dir>/teacher/ in diffusers format (config.json, diffusion_pytorch_model.safetensors,
-scheduler_config.json), train_config.json, samples.png; train_state.pt while training, for --resume.
+scheduler_config.json; a latent teacher's VAE in vae/), train_config.json, samples.png; train_state.pt while training,
+for --resume.
 """
 import json
 import os
@@ -13,15 +17,16 @@ import time
 
 import torch
 from accelerate import Accelerator
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
-from data import load_dataset, save_grid
-from files import STATE, TEACHER, check_run_folder, load_state, save_state, write_json
+from data import encoded_dataset, load_dataset, save_grid
+from files import LATENTS, STATE, TEACHER, check_run_folder, load_state, save_state, write_json
 from losses import denoising_loss
-from checkpoints import save_teacher
-from models import Denoiser, make_teacher
+from checkpoints import save_teacher, weights_hash
+from models import Autoencoder, Denoiser, make_teacher
 from recipes import PRESETS, default_guidance
 from sampling import sample_teacher
 
@@ -38,13 +43,32 @@ def main():
     p.add_argument("--warmup-steps", type=number(int, 0, inclusive=True), default=0, help="linear warm-up steps")
     p.add_argument("--n-feat", type=number(int, 0), default=128, help="MNIST ContextUnet width (128 = the seed's 6.6M params)")
     p.add_argument("--unet-config", type=json.loads, default=None,
-                   help="JSON overriding the UNet2DModel config (CelebA's, CIFAR-10's, or a custom run's), e.g. a tiny one for tests")
+                   help="JSON overriding the UNet2DModel's or the DiT's config (CelebA's, CIFAR-10's, or a custom "
+                        "run's), e.g. a tiny one for tests")
     p.add_argument("--image-size", type=number(int, 0), default=None,
                    help="your own images (--data-dir, no --dataset): the teacher's square size; class subfolders make "
                         "it class-conditional (label dropout gives the null class for guidance)")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="your own images: grey (1) or RGB (3); default 3")
-    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"],
-                   help="what the backbone predicts; v gives clean one-step images before distillation")
+    p.add_argument("--schedule", default="ddpm", choices=["ddpm", "flow"],
+                   help="the noise family: DDPM (linear β; --prediction-type) or flow matching (SD3's: x_t = (1-σ) x0 "
+                        "+ σ ε, the backbone predicts the velocity ε - x0; FlowMatchEulerDiscreteScheduler)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="DDPM: what the backbone predicts (default epsilon; v gives clean one-step images before "
+                        "distillation); a flow teacher predicts the velocity")
+    p.add_argument("--shift", type=number(float, 0), default=1.0,
+                   help="flow: σ = shift s / (1 + (shift - 1) s), more of the grid at high noise for shift > 1 (SD3: 3 at "
+                        "1024 px); 1 = none")
+    p.add_argument("--time-sampling", default="uniform", choices=["uniform", "logit-normal"],
+                   help="the density of the training timesteps: uniform over the T of them, or SD3's logit-normal "
+                        "(u = sigmoid(N(--logit-mean, --logit-std)), more weight on the middle of the schedule)")
+    p.add_argument("--logit-mean", type=float, default=0.0, help="logit-normal's mean (SD3: 0)")
+    p.add_argument("--logit-std", type=number(float, 0), default=1.0, help="logit-normal's std (SD3: 1)")
+    p.add_argument("--vae", default=None,
+                   help="a VAE folder (train_vae.py's <run-dir>/vae, or any AutoencoderKL): train a latent teacher on "
+                        "its latents of the data; the teacher folder keeps it in vae/")
+    p.add_argument("--backbone", default=None, choices=["contextunet", "unet", "dit"],
+                   help="the denoiser: MNIST's ContextUnet (28x28 pixels), a UNet2DModel, or a DiTTransformer2DModel; "
+                        "default the dataset's own, a small UNet2DModel for latents or your own images"),
     p.add_argument("--label-dropout", type=number(float, 0, inclusive=True), default=0.1,
                    help="fraction of labels replaced by the null label, so the teacher supports guidance "
                         "(0: a custom teacher gets no null class)")
@@ -59,6 +83,12 @@ def main():
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/teacher/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished teacher in <run-dir>/teacher/")
     args = parse(p)
+    if args.schedule == "flow" and args.prediction_type:
+        raise UserError(f"--prediction-type {args.prediction_type} is a DDPM teacher's; a flow-matching teacher "
+                        f"(--schedule flow) predicts the velocity ε - x0: drop --prediction-type")
+    if args.schedule == "ddpm" and args.shift != 1.0:
+        raise UserError("--shift is a flow-matching teacher's timestep shift: drop it, or add --schedule flow")
+    args.prediction_type = args.prediction_type or ("epsilon" if args.schedule == "ddpm" else "flow")
     shape = PRESETS[args.dataset]["shape"] or (args.channels or 3, args.image_size, args.image_size)
     if PRESETS[args.dataset]["shape"] and (args.image_size or args.channels):
         raise UserError(f"--image-size and --channels are for your own images, but {args.dataset}'s teacher makes "
@@ -72,10 +102,22 @@ def main():
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
     dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process, shape=shape)
+    classes = getattr(dataset, "classes", None)
+    vae = open_vae(args.vae, shape) if args.vae else None
+    if vae:  # a latent teacher learns the data's latents, encoded once (cached in <run-dir>/latents)
+        cache = os.path.join(args.run_dir, LATENTS, f"{weights_hash(args.vae)}-{args.dataset}-{len(dataset)}.safetensors")
+        if accelerator.is_main_process:
+            encoded_dataset(dataset, vae.to(accelerator.device), cache)
+        accelerator.wait_for_everyone()
+        dataset = encoded_dataset(dataset, vae.to(accelerator.device), cache)
+        shape = tuple(dataset[0][0].shape)
     torch.manual_seed(args.seed)  # the initial weights
     backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config, shape,
-                                       len(getattr(dataset, "classes", [])), null_class=args.label_dropout > 0)
-    model = Denoiser(backbone, scheduler).to(accelerator.device)
+                                       len(classes or []), null_class=args.label_dropout > 0, schedule=args.schedule,
+                                       backbone=args.backbone, shift=args.shift, clip_sample=vae is None)
+    model = Denoiser(backbone, scheduler, vae).to(accelerator.device)
+    if isinstance(backbone, DiTTransformer2DModel):  # in train mode a DiT drops 10% of its labels itself, from the
+        model.eval()  # global RNG; --label-dropout does that from this run's stream (a DiT has no dropout or BatchNorm)
     args.guidance = default_guidance(model.null_label is not None) if args.guidance is None else args.guidance
     # EMA of the parameters; BatchNorm statistics are recomputed for the averaged weights at the end (refresh_batchnorm)
     ema = AveragedModel(model.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
@@ -99,7 +141,7 @@ def main():
     model, opt = accelerator.prepare(model, opt)
     den = accelerator.unwrap_model(model)
     config = dict(vars(args), num_processes=world, params=sum(p.numel() for p in backbone.parameters()),
-                  total_steps=total, shape=shape, classes=getattr(dataset, "classes", None))
+                  total_steps=total, shape=shape, classes=classes)
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
         print("config:", config)
@@ -122,7 +164,7 @@ def main():
             x0, y = x0.to(accelerator.device), y.to(accelerator.device)
             Bg, mine, T = args.batch_size, slice(rank, None, world), scheduler.config.num_train_timesteps
             eps = torch.randn((Bg, *x0.shape[1:]), generator=gen)[mine].to(x0.device)
-            t = torch.randint(0, T, (Bg,), generator=gen)[mine].to(x0.device)
+            t = training_timesteps(args, Bg, T, gen)[mine].to(x0.device)
             drop = (torch.rand(Bg, generator=gen) < args.label_dropout)[mine].to(x0.device)
             if den.null_label is not None:
                 y = torch.where(drop, torch.full_like(y, den.null_label), y)  # the null label
@@ -153,18 +195,42 @@ def main():
     if ema:
         refresh_batchnorm(Denoiser(ema.module, scheduler).to(accelerator.device).eval(), dataset, args)
     if accelerator.is_main_process:
-        save_teacher(ema.module if ema else den.backbone, scheduler, out)
+        save_teacher(ema.module if ema else den.backbone, scheduler, out, vae and vae.vae)
         write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
-        den = Denoiser(ema.module if ema else den.backbone, scheduler).eval()
+        den = Denoiser(ema.module if ema else den.backbone, scheduler, vae).eval()
         n_classes = den.num_classes
         rows = n_classes or 8
         g = torch.Generator().manual_seed(args.seed)
         z = torch.randn((rows * 8, *shape), generator=g).to(accelerator.device)
         y = torch.arange(rows, device=z.device).repeat_interleave(8) if n_classes else None
         x = sample_teacher(den, z, y, args.sampling_steps, args.guidance if n_classes else 1.0, progress=True)
-        save_grid(x, os.path.join(out, "samples.png"), nrow=8)
+        with torch.no_grad():
+            save_grid(den.decode(x), os.path.join(out, "samples.png"), nrow=8)
         print(f"teacher: {step} steps in {(time.time() - t0) / 60:.1f} min -> {out} (grid: {out}/samples.png, "
               f"DDIM-{args.sampling_steps}{f', guidance {args.guidance}' if n_classes else ''})")
+
+
+def training_timesteps(args, B, T, gen):
+    """B training timesteps of T from the run's stream: uniform (DDPM's), or --time-sampling logit-normal (SD3's
+    training: u = sigmoid(n), n ~ N(mean, std), read as its script reads it, the index of u T into the scheduler's
+    timesteps, which run from the noisiest down: t = T - 1 - floor(u T))."""
+    if args.time_sampling == "uniform":
+        return torch.randint(0, T, (B,), generator=gen)
+    u = torch.sigmoid(args.logit_mean + args.logit_std * torch.randn(B, generator=gen))
+    return T - 1 - (u * T).long().clamp(max=T - 1)
+
+
+def open_vae(folder, shape):
+    """The AutoencoderKL of --vae, checked against the images it is to encode, as a models.Autoencoder."""
+    try:
+        vae = AutoencoderKL.from_pretrained(folder)
+    except Exception as e:
+        raise UserError(f"--vae {folder} could not be loaded as an AutoencoderKL ({str(e).splitlines()[0][:120]}): "
+                        f"train one with `python train_vae.py` (it writes <run-dir>/vae) or pass its folder")
+    if vae.config.in_channels != shape[0]:
+        raise UserError(f"--vae {folder} encodes {vae.config.in_channels}-channel images but the data has {shape[0]}: "
+                        f"pass the VAE trained on this data")
+    return Autoencoder(vae)
 
 
 @torch.no_grad()

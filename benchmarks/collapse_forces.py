@@ -53,7 +53,7 @@ def main():
         sys.exit("error: the collapse rates split the DM loss into its conditional and guidance parts: they need a "
                  "class-conditional teacher with a null class")
     gan = config.get("gan_weight", 0) > 0
-    net_g, mu_real, mu_fake = make_dmd_networks(teacher.backbone, teacher.scheduler, gan_head=gan,
+    net_g, mu_real, mu_fake = make_dmd_networks(teacher.backbone, teacher.schedule.scheduler, gan_head=gan,
                                                 head_input=config.get("gan_head_input", "bottleneck"))
     if not args.at_init:
         state = load_state(os.path.join(args.run_dir, args.out, STATE))

@@ -74,7 +74,7 @@ class DMDStep:
         self.shape, self.num_classes, self.dev = den.shape, den.num_classes, DEV
         flags = dmd.add_arguments(argparse.ArgumentParser()).parse_args(list(extra))
         self.args = dmd.StepConfig.from_args(flags, batch_size=B, seed=0, guidance=default_guidance(den.null_label is not None))
-        net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, den.scheduler, gan_head=self.args.gan_weight > 0,
+        net_g, mu_real, mu_fake = make_dmd_networks(den.backbone, den.schedule.scheduler, gan_head=self.args.gan_weight > 0,
                                                     head_input=flags.gan_head_input)
         self.nets = dmd.Networks(net_g.to(DEV), mu_real.to(DEV), mu_fake.to(DEV), pseudo_huber)
         self.opt_g = torch.optim.AdamW(net_g.parameters(), 1e-6)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from conftest import TINY_N_FEAT, TINY_UNET
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import FrozenDict
 
 import dmd
@@ -38,57 +38,78 @@ def step_config(**fields):
 
 
 def schedule(prediction_type):
+    """The DDPM schedule of these tests; prediction_type "flow": flow matching on the same T (shift 1)."""
+    if prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T)
     return DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type)
 
 
-class GaussianDenoiser(nn.Module):
-    """The exact ε-prediction denoiser of data x0 ~ N(m, s²) per pixel, as a diffusers-like backbone. Under the DDPM
-    schedule x_t = √ᾱ x0 + √(1-ᾱ) ε is Gaussian too, so E[x0 | x_t] = m + √ᾱ s² / (ᾱ s² + 1 - ᾱ) · (x_t - √ᾱ m) and
-    ε̂ = (x_t - √ᾱ x̂0) / √(1-ᾱ). `stats()` gives (m, s) at call time: µfake reads the generator's current ones."""
+def path(kind, t):
+    """(a_t, b_t) of x_t = a_t x0 + b_t ε in float64, (B, 1, 1, 1), written out here for both families: DDPM's
+    (√ᾱ_t, √(1-ᾱ_t)) and flow matching's (1-σ_t, σ_t), σ_t = (t+1)/T at shift 1."""
+    if kind == "flow":
+        sigma = ((t.double() + 1) / T).view(-1, 1, 1, 1)
+        return 1 - sigma, sigma
+    a = schedule("epsilon").alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    return a.sqrt(), (1 - a).sqrt()
 
-    def __init__(self, stats):
+
+class GaussianDenoiser(nn.Module):
+    """The exact denoiser of data x0 ~ N(m, s²) per pixel, as a diffusers-like backbone. On a Gaussian path
+    x_t = a x0 + b ε, x_t is Gaussian too, so E[x0 | x_t] = m + a s² / (a² s² + b²) · (x_t - a m); the backbone
+    returns what its schedule's network predicts: ε̂ = (x_t - a x̂0) / b (DDPM, called with t) or the velocity
+    v̂ = (x_t - x̂0) / σ (flow, called with σ T). `stats()` gives (m, s) at call time: µfake reads the generator's
+    current ones."""
+
+    def __init__(self, stats, kind="ddpm"):
         super().__init__()
-        self.stats = stats
+        self.stats, self.kind = stats, kind
         self.config = FrozenDict(sample_size=SHAPE[-1], in_channels=SHAPE[0])  # what Denoiser reads: no classes
-        self.alphas_cumprod = schedule("epsilon").alphas_cumprod.double()
 
     def forward(self, x_t, t, class_labels=None):
         m, s = self.stats()
-        a, x = self.alphas_cumprod[t].view(-1, 1, 1, 1), x_t.double()
-        x0 = m + a.sqrt() * s ** 2 / (a * s ** 2 + 1 - a) * (x - a.sqrt() * m)
-        return types.SimpleNamespace(sample=((x - a.sqrt() * x0) / (1 - a).sqrt()).to(x_t.dtype))
+        t = t.double().round().long() - 1 if self.kind == "flow" else t  # σ T = t + 1 at shift 1: the grid's t
+        (a, b), x = path(self.kind, t), x_t.double()
+        x0 = m + a * s ** 2 / (a ** 2 * s ** 2 + b ** 2) * (x - a * m)
+        out = (x - x0) / b if self.kind == "flow" else (x - a * x0) / b
+        return types.SimpleNamespace(sample=out.to(x_t.dtype))
 
 
 class AffineGenerator(nn.Module):
-    """A sample-prediction backbone read at t = T-1 with x_t = z: G(z) = µ + σ z, so its images are N(µ, σ²)."""
+    """G(z) = µ + σ z read at t = T-1 with x_t = z, so its images are N(µ, σ²): a sample-prediction backbone
+    (DDPM), or a flow one whose velocity is z - (µ + σ z) (x̂0 = z - σ_{T-1} v̂ with σ_{T-1} = 1)."""
 
-    def __init__(self, mu, sigma):
+    def __init__(self, mu, sigma, kind="ddpm"):
         super().__init__()
-        self.mu, self.sigma = nn.Parameter(torch.tensor(mu)), nn.Parameter(torch.tensor(sigma))
+        self.mu, self.sigma, self.kind = nn.Parameter(torch.tensor(mu)), nn.Parameter(torch.tensor(sigma)), kind
         self.config = FrozenDict(sample_size=SHAPE[-1], in_channels=SHAPE[0])
 
     def forward(self, z, t, class_labels=None):
-        return types.SimpleNamespace(sample=self.mu + self.sigma * z)
+        x = self.mu + self.sigma * z
+        return types.SimpleNamespace(sample=z - x if self.kind == "flow" else x)
 
 
-def gaussian_networks(g, m=0.3, s=0.5):
+def gaussian_networks(g, m=0.3, s=0.5, kind="ddpm"):
     """netG = the affine generator `g`; µreal = the exact denoiser of the data N(m, s²); µfake = the exact denoiser of
-    g's current N(µ, σ²)."""
-    mu_real = Denoiser(GaussianDenoiser(lambda: (m, s)), schedule("epsilon"))
-    mu_fake = Denoiser(GaussianDenoiser(lambda: (g.mu.item(), abs(g.sigma.item()))), schedule("epsilon"))
-    return dmd.Networks(Denoiser(g, schedule("sample")), mu_real, mu_fake, regression=None)
+    g's current N(µ, σ²); all three on the DDPM schedule or on flow matching's (`kind`)."""
+    teacher = schedule("flow" if kind == "flow" else "epsilon")
+    mu_real = Denoiser(GaussianDenoiser(lambda: (m, s), kind), teacher)
+    mu_fake = Denoiser(GaussianDenoiser(lambda: (g.mu.item(), abs(g.sigma.item())), kind), teacher)
+    return dmd.Networks(Denoiser(g, schedule("flow" if kind == "flow" else "sample")), mu_real, mu_fake, regression=None)
 
 
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
 @pytest.mark.parametrize("generator_loss", ["dmd", "sid"])
 @pytest.mark.parametrize("start", [(1.5, 1.5), (-1.0, 0.1)], ids=["from_above", "from_below"])
-def test_dm_gradient_moves_the_generator_to_the_real_distribution(start, generator_loss):
+def test_dm_gradient_moves_the_generator_to_the_real_distribution(start, generator_loss, kind):
     """dmd.generator_update with the DM loss alone (DMD's, or SiD's), exact Gaussian denoisers as µreal (the data,
     N(0.3, 0.5²)) and µfake (the generator's current N(µ, σ²)), drives G(z) = µ + σz to the data's mean and std from
-    above and from below. With µreal and µfake swapped anywhere on the way (dmd.py's call, losses.dm_loss or
-    losses.sid_loss) it runs away instead."""
+    above and from below, on the DDPM schedule and on flow matching's. With µreal and µfake swapped anywhere on the way
+    (dmd.py's call, losses.dm_loss or losses.sid_loss), or a flow path's x_t or x̂0 written as DDPM's, it runs away
+    or stops short instead."""
     m, s = 0.3, 0.5
-    g = AffineGenerator(*start)
-    nets = gaussian_networks(g, m, s)
+    g = AffineGenerator(*start, kind)
+    nets = gaussian_networks(g, m, s, kind)
     cfg = step_config(reg_weight=0, guidance=1.0, batch_size=64, grad_clip=1e9, generator_loss=generator_loss)
     opt, gen, accelerator = torch.optim.Adam(g.parameters(), 0.02), torch.Generator().manual_seed(0), Accelerator(cpu=True)
     for step in range(200):
@@ -142,25 +163,27 @@ def test_sid_gradient_with_detached_scores_is_dmds():
         torch.testing.assert_close(sid, dm, rtol=1e-4, atol=1e-4 * dm.abs().max().item())
 
 
-def test_sid_gradient_flows_through_the_scores_inputs_as_the_formula_says():
-    """With exact Gaussian denoisers, x̂0 is affine in x_t per pixel, f(x_t) = m + k (x_t - √ᾱ m) with
-    k = √ᾱ s² / (ᾱ s² + 1 - ᾱ), so the whole gradient of SiD's loss on x_g, through x_t = √ᾱ x_g + √(1-ᾱ) ε into both
-    networks too, is known in closed form (d = f_φ - f_ψ):
-        ∂L/∂x_g = [-d + √ᾱ ((k_φ - k_ψ) (f_φ - x_g - 2α d) + k_φ d)] / (w numel).
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_sid_gradient_flows_through_the_scores_inputs_as_the_formula_says(kind):
+    """With exact Gaussian denoisers, x̂0 is affine in x_t per pixel, f(x_t) = m + k (x_t - a m) with
+    k = a s² / (a² s² + b²) on the path x_t = a x_g + b ε (DDPM: a = √ᾱ, b = √(1-ᾱ); flow: a = 1-σ, b = σ), so the
+    whole gradient of SiD's loss on x_g, through x_t into both networks too, is known in closed form
+    (d = f_φ - f_ψ):
+        ∂L/∂x_g = [-d + a ((k_φ - k_ψ) (f_φ - x_g - 2α d) + k_φ d)] / (w numel).
     The first term alone is DMD's; with α's sign flipped, or x_t detached (no gradient through the networks), the
     gradient dmd.generator_update sends to G's images is another."""
     (m, s), (mu, sigma), alpha = (0.3, 0.5), (1.5, 1.5), 1.2
-    nets = gaussian_networks(AffineGenerator(mu, sigma), m, s)
+    nets = gaussian_networks(AffineGenerator(mu, sigma, kind), m, s, kind)
     cfg = step_config(reg_weight=0, guidance=1.0, batch_size=16, generator_loss="sid", sid_alpha=alpha)
     b = dmd.draw_batch(torch.Generator().manual_seed(0), 0, cfg, SHAPE, 0, T)
     got = gradient_on_images(nets, b, cfg).double()
-    a = schedule("epsilon").alphas_cumprod.double()[b.t_dm].view(-1, 1, 1, 1)
+    a, noise = path(kind, b.t_dm)
     x_g = mu + sigma * b.z.double()
-    x_t = a.sqrt() * x_g + (1 - a).sqrt() * b.eps_dm.double()
-    k_phi, k_psi = (a.sqrt() * v ** 2 / (a * v ** 2 + 1 - a) for v in (s, sigma))
-    f_phi, f_psi = m + k_phi * (x_t - a.sqrt() * m), mu + k_psi * (x_t - a.sqrt() * mu)
+    x_t = a * x_g + noise * b.eps_dm.double()
+    k_phi, k_psi = (a * v ** 2 / (a ** 2 * v ** 2 + noise ** 2) for v in (s, sigma))
+    f_phi, f_psi = m + k_phi * (x_t - a * m), mu + k_psi * (x_t - a * mu)
     d, w = f_phi - f_psi, (x_g - f_phi).abs().mean(dim=(1, 2, 3), keepdim=True)
-    expected = (-d + a.sqrt() * ((k_phi - k_psi) * (f_phi - x_g - 2 * alpha * d) + k_phi * d)) / (w * x_g.numel())
+    expected = (-d + a * ((k_phi - k_psi) * (f_phi - x_g - 2 * alpha * d) + k_phi * d)) / (w * x_g.numel())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-9)
     through_networks = expected + d / (w * x_g.numel())
     assert through_networks.norm() > 0.3 * expected.norm()  # the networks' part is no rounding error

@@ -159,7 +159,8 @@ def run_extension(rows, fid, budget=10, T=400):
     """evaluate.extend_grid on hand-made rows, each new row scored by `fid`; returns its record."""
     def score(g, n):
         rows.append(surface_rows([(g, n)], fid)[1])
-    return evaluate.extend_grid(rows, score, T, True, budget)
+    grid = {r["model"] for r in rows if r["model"] != "real"}
+    return evaluate.extend_grid(rows, score, T, True, budget, grid)
 
 
 def test_yardstick_interior_best_adds_no_row():
@@ -225,8 +226,11 @@ def test_yardstick_extension_end_to_end(mnist_run, tmp_path):
     from PIL import Image
     width, height = Image.open(d / "eval" / "grid.png").size
     assert 300 < width < 1200 and 4 * 50 < height < 4 * 90, (width, height)  # 4 labelled rows of 10 classes
-    run("evaluate.py", *flags)
-    assert read_json(d / "eval" / "report.json")["reused_rows"] == list(rows)
+    # rerun (here with no extension), the rows scored past the grid stay in: the report's best row cannot get worse
+    run("evaluate.py", *flags[:-1], 0)
+    again = read_json(d / "eval" / "report.json")
+    assert [row["model"] for row in again["rows"]] == list(rows) and again["reused_rows"] == list(rows)
+    assert again["yardstick"]["best"] == y["best"] and again["yardstick"]["rows_tried"] == 3
 
 
 def test_refuses_evaluation_seeds_that_overlap_the_training_probe():

@@ -5,12 +5,13 @@ import sys
 
 import torch
 from conftest import ROOT, read_json, run, tiny_teacher
+from diffusers import DDIMScheduler
 from safetensors.torch import load_file
 
 from data import load_pairs
 from checkpoints import load_teacher
 from models import Denoiser
-from sampling import ddim_scheduler, sample_teacher
+from sampling import sample_teacher
 
 
 def make_pairs(run_dir, *extra, check=True):
@@ -47,6 +48,13 @@ def test_interrupted_run_completed_by_rerun_equals_uninterrupted(tmp_path):
     assert "nothing to do" in r.stdout
 
 
+def ddim(den, steps):
+    """diffusers' DDIM sampler on the teacher's schedule, trailing spacing (the reference the tests step by hand)."""
+    sched = DDIMScheduler.from_config(den.schedule.scheduler.config, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    return sched
+
+
 def test_pairs_are_ddim_from_their_noise_and_meta_is_complete(tmp_path):
     teacher = tiny_teacher(tmp_path / "teacher", "mnist", "v_prediction")
     make_pairs(tmp_path, "--guidance", 3, "--seed", 7)
@@ -72,7 +80,7 @@ def test_states_are_the_teachers_ddim_states_at_the_generators_timesteps(tmp_pat
     assert none is None and torch.equal(z, z_b) and torch.equal(x, x_b)
     assert meta["state_timesteps"] == [299, 199, 99] and states.shape == (10, 3, 1, 28, 28)
     den = Denoiser(*load_teacher(teacher))
-    sched, x_t = ddim_scheduler(den, 8), z[:4]
+    sched, x_t = ddim(den, 8), z[:4]
     for t in sched.timesteps:  # 399, 349, 299, ...: the state at 299 is the input after two steps
         for j, t_state in enumerate(meta["state_timesteps"]):
             if int(t) == t_state:
@@ -90,7 +98,7 @@ def test_guidance_t_max_guides_only_the_steps_at_or_below_it(tmp_path):
     meta, z, x, y, _ = load_pairs(str(tmp_path / "pairs"))
     assert meta["guidance_t_max"] == 0.5
     den = Denoiser(*load_teacher(teacher))
-    sched, x_t = ddim_scheduler(den, 4), z[:4]
+    sched, x_t = ddim(den, 4), z[:4]
     for t in sched.timesteps:
         s = 100.0 if int(t) <= 200 else 1.0
         x_t = sched.step(den.guided(x_t, t, y[:4], s), t, x_t, eta=0.0, use_clipped_model_output=True).prev_sample

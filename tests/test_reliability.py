@@ -10,9 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, fake_images, fake_mnist, run, tiny_teacher
+from conftest import ROOT, TINY_UNET, fake_images, fake_mnist, run, tiny_teacher
+from diffusers import AutoencoderKL, CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
 from test_custom import custom_teacher
 from safetensors.torch import load_file
+
+from checkpoints import save_teacher
+from models import make_teacher
 
 
 def kill_when(script, args, path, extra_wait=0.0):
@@ -54,14 +58,15 @@ def test_train_teacher_survives_kill(tmp_path):
 
 
 def test_precompute_survives_kill(tmp_path):
-    args = ["--num-pairs", 12, "--shard-size", 3, "--sampling-steps", 3, "--batch-size", 2]
+    args = ["--num-pairs", 30, "--shard-size", 3, "--sampling-steps", 3, "--batch-size", 2]  # 10 shards: the kill
+    # at the first lands long before the last
     for name in ("a", "b"):
         tiny_teacher(tmp_path / name / "teacher", "mnist", "v_prediction")
     run("precompute.py", "--run-dir", tmp_path / "a", *args)
     kill_when("precompute.py", ["--run-dir", tmp_path / "b", *args], tmp_path / "b" / "pairs" / "shard_00000.safetensors")
-    assert not (tmp_path / "b" / "pairs" / "shard_00003.safetensors").exists()  # really interrupted
+    assert not (tmp_path / "b" / "pairs" / "shard_00009.safetensors").exists()  # really interrupted
     run("precompute.py", "--run-dir", tmp_path / "b", *args)
-    for k in range(4):
+    for k in range(10):
         name = f"shard_{k:05d}.safetensors"
         assert same_safetensors(tmp_path / "a" / "pairs" / name, tmp_path / "b" / "pairs" / name), name
 
@@ -106,6 +111,15 @@ def bad_input_env(tmp_path_factory, mnist_run):
     (root / "no_unet" / "model_index.json").write_text("{}")  # a pipeline folder without unet/
     for name in ("a", "b", "c"):
         fake_images(root / "three_classes" / name, n=2)
+    torch.manual_seed(0)  # teachers of the newer kinds, each wrong in one way
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=3, block_out_channels=(8, 16), norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    save_teacher(UNet2DModel(sample_size=8, in_channels=4, out_channels=4, **TINY_UNET), DDPMScheduler(),
+                 str(root / "latent_mismatch"), vae)  # 3-channel latents for a 4-channel denoiser
+    save_teacher(*make_teacher("custom", shape=(4, 8, 8), backbone="dit", unet={"num_layers": 1, "attention_head_dim": 8}),
+                 str(root / "one_class_dit"))  # an unconditional DiT: one class, no null label
+    save_teacher(UNet2DModel(sample_size=8, in_channels=3, out_channels=3, **TINY_UNET), CMStochasticIterativeScheduler(),
+                 str(root / "consistency"))  # a scheduler whose noise schedule is neither family
     return root
 
 
@@ -155,6 +169,16 @@ BAD = [  # the same, each run in this process (main() under cli.run, as the scri
     ("precompute.py", ["--run-dir", "{root}/good", "--best-row", "--guidance", 2], "--best-row takes"),
     ("evaluate.py", ["--fid", "--teacher", "{root}/no_null", "--guidance", 2, "--run-dir", "{root}/x"],
      "has none: drop --guidance"),
+    ("precompute.py", ["--teacher", "{root}/latent_mismatch", "--run-dir", "{root}/x"],
+     "its vae/ makes latents of 3 channels but the denoiser takes 4"),
+    ("train_teacher.py", ["--schedule", "flow", "--prediction-type", "epsilon", "--run-dir", "{root}/x"],
+     "a flow-matching teacher (--schedule flow) predicts the velocity"),
+    ("precompute.py", ["--teacher", "{root}/one_class_dit", "--guidance", 2, "--run-dir", "{root}/x"],
+     "has none: drop --guidance"),
+    ("precompute.py", ["--teacher", "{root}/consistency", "--run-dir", "{root}/x"],
+     "CMStochasticIterativeScheduler, whose noise schedule this project does not know"),
+    ("train_teacher.py", ["--vae", "{root}/nowhere", "--run-dir", "{root}/x"], "could not be loaded as an AutoencoderKL"),
+    ("train_vae.py", ["--dataset", "mnist", "--image-size", 16, "--run-dir", "{root}/x"], "are for your own images"),
 ]
 
 

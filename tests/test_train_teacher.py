@@ -35,7 +35,7 @@ def test_two_step_training_writes_a_loadable_teacher(tmp_path, dataset):
     cfg = read_json(out / "train_config.json")
     assert cfg["steps_done"] == 2 and cfg["dataset"] == dataset
     # loadable: the loader every other script uses gives back the trained weights (the last checkpoint's) and schedule
-    backbone, scheduler = load_teacher(str(out))
+    backbone, scheduler, _ = load_teacher(str(out))
     trained = torch.load(out / "train_state.pt", weights_only=True)["model"]
     loaded = backbone.state_dict()
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in loaded)
@@ -127,3 +127,30 @@ def test_resume_reaches_the_same_weights(tmp_path):
     assert straight.keys() == resumed.keys()
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_flow_matching_teacher_with_sd3s_time_sampling(tmp_path):
+    """--schedule flow saves a FlowMatchEulerDiscreteScheduler (its shift) that every script reads as flow matching,
+    and the ContextUnet is trained on the velocity target at logit-normal timesteps."""
+    fake_mnist(tmp_path, n=16)
+    run("train_teacher.py", "--data-dir", tmp_path, "--run-dir", tmp_path / "run", "--n-feat", 8, "--max-steps", 2,
+        "--batch-size", 4, "--sampling-steps", 2, "--schedule", "flow", "--shift", 2, "--time-sampling", "logit-normal")
+    sched = read_json(tmp_path / "run" / "teacher" / "scheduler_config.json")
+    assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["shift"] == 2
+    assert read_json(tmp_path / "run" / "teacher" / "train_config.json")["prediction_type"] == "flow"
+
+
+def test_logit_normal_timesteps_are_sd3s():
+    """SD3's training draws u = sigmoid(n), n ~ N(mean, std), and takes the scheduler's timesteps[floor(u T)], whose
+    first entries are the noisiest: t = T - 1 - floor(u T) on this project's grid. At mean 0 the draws gather in the
+    middle of the schedule (the middle half holds P(|n| < ln 3) = 73% of them against uniform's 50%); a positive mean moves them
+    toward low noise, as in SD3."""
+    args = lambda mean: type("A", (), dict(time_sampling="logit-normal", logit_mean=mean, logit_std=1.0))  # noqa: E731
+    t = train_teacher.training_timesteps(args(0.0), 100000, 1000, torch.Generator().manual_seed(0)).float()
+    assert t.min() >= 0 and t.max() <= 999 and abs(t.mean().item() - 499.5) < 5
+    assert 0.72 < ((t >= 250) & (t < 750)).float().mean().item() < 0.74
+    low_noise = train_teacher.training_timesteps(args(1.0), 100000, 1000, torch.Generator().manual_seed(0)).float()
+    assert low_noise.mean() < 0.4 * 1000
+    uniform = type("A", (), dict(time_sampling="uniform"))
+    u = train_teacher.training_timesteps(uniform, 100000, 1000, torch.Generator().manual_seed(0)).float()
+    assert 0.49 < ((u >= 250) & (u < 750)).float().mean().item() < 0.51
