@@ -1,35 +1,52 @@
 # make demo : the whole pipeline on the embedded default (MNIST, CPU size, DMD2; see README for its time)
 # make demo DATASET=fashion-mnist        : the same recipe on Fashion-MNIST (apt-get install dataset-fashion-mnist)
 # make demo DATA=my_images IMAGE_SIZE=32 : the same recipe on your own images (class subfolders = labels), runs/custom
-# make test : the test suite (CPU, tiny models, ~2.5 min on 2 cores)
+# make demo TEACHER=flow                 : ... on a flow-matching teacher (SD3's objective), runs/<dataset>-flow
+# make demo TEACHER=latent               : ... on a latent teacher (train_vae.py's VAE + a DiT on its latents)
+# make test : the test suite (CPU, tiny models, ~3 min on 2 cores)
 # Each target sets up its own virtual environment first. Stages that finished are not redone;
 # an interrupted stage resumes from its last checkpoint when `make demo` is run again.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?= mnist
+TEACHER ?= ddpm
+ifeq ($(filter $(TEACHER),ddpm flow latent),)
+$(error TEACHER=$(TEACHER): pick ddpm (the default: a v-prediction DDPM teacher on pixels), flow or latent)
+endif
+# each kind of teacher in its own run folder
+KIND := $(if $(filter ddpm,$(TEACHER)),,-$(TEACHER))
 ifdef DATA  # your own images: the teacher is trained on them, and every later script names it (and them)
 ifndef IMAGE_SIZE
 $(error DATA=$(DATA) needs IMAGE_SIZE=<pixels>, the teacher's square image size (e.g. IMAGE_SIZE=32))
 endif
-RUN ?= runs/custom
+RUN ?= runs/custom$(KIND)
 TEACHER_WHERE := --run-dir $(RUN) --data-dir $(DATA) --image-size $(IMAGE_SIZE) $(if $(CHANNELS),--channels $(CHANNELS))
 WHERE := --run-dir $(RUN) --teacher $(RUN)/teacher
 DATA_WHERE := --data-dir $(DATA)
 else
-RUN ?= runs/$(DATASET)
+RUN ?= runs/$(DATASET)$(KIND)
 WHERE := --run-dir $(RUN) --dataset $(DATASET)
 TEACHER_WHERE := $(WHERE)
 endif
 export PYTHONUNBUFFERED := 1
 
 # CPU-demo sizes (docs/RESULTS.md says how each was chosen; the scripts' own defaults are the seed's GPU sizes). The
-# same flags for every dataset: what must differ (the pairs' sampler and µreal's guidance) is read off the teacher's
-# own evaluation, its best row over DDIM steps x guidance ("best"), not set per dataset.
-TEACHER_FLAGS ?= --n-feat 32 --prediction-type v_prediction --batch-size 64 --lr 1e-3 --lr-schedule cosine \
+# same flags for every dataset and every kind of teacher: what must differ (the pairs' sampler and µreal's guidance)
+# is read off the teacher's own evaluation, its best row over DDIM steps x guidance ("best"), not set per dataset.
+# The teacher's kind: its objective (DDPM with v-prediction, or flow matching's velocity at SD3's logit-normal
+# timesteps) and, for a latent teacher, the VAE it works in and its backbone (a DiT on the 4x14x14 latents).
+KIND_FLAGS_ddpm := --prediction-type v_prediction
+KIND_FLAGS_flow := --schedule flow --time-sampling logit-normal
+KIND_FLAGS_latent := --prediction-type v_prediction --vae $(RUN)/vae --backbone dit
+TEACHER_FLAGS ?= --n-feat 32 $(KIND_FLAGS_$(TEACHER)) --batch-size 64 --lr 1e-3 --lr-schedule cosine \
                  --max-steps 800 --ema 0.995 --guidance 3
-# The yardstick: the teacher at each guidance x DDIM step count (the students' gaps are read against its best row).
-EVAL_FLAGS ?= --num-samples 1000 --teacher-guidance 1.5,2,3,4
+# A latent teacher's VAE (train_vae.py's defaults: 16,32 channels, 1x28x28 <-> 4x14x14, 600 steps).
+VAE_FLAGS ?=
+# The yardstick: the teacher at each guidance x DDIM step count (the students' gaps are read against its best row). A
+# small grid up front: evaluate.py scores rows past its edges (steps doubled or halved, guidance +-1) until the best
+# row has a worse neighbour on every side, so the best is the teacher's minimum, not the grid's edge.
+EVAL_FLAGS ?= --num-samples 1000 --teacher-guidance 1.5,2,3 --ddim-steps 4,8
 # The teacher at its best row, as noise -> image pairs for the warm start.
 PAIRS_FLAGS ?= --num-pairs 3200 --best-row --batch-size 128
 # The warm start: netG learns the pairs by regression alone (knowledge distillation), so it starts DMD2 with
@@ -57,7 +74,10 @@ $(VENV)/.installed: requirements.txt
 demo: $(RUN)/eval/report.md
 	@cat $(RUN)/eval/report.md
 
-$(RUN)/teacher/train_config.json: | $(VENV)/.installed
+$(RUN)/vae/train_config.json: | $(VENV)/.installed
+	$(PY) train_vae.py $(TEACHER_WHERE) $(VAE_FLAGS) $$(test -f $(RUN)/vae/train_state.pt && echo --resume)
+
+$(RUN)/teacher/train_config.json: | $(VENV)/.installed $(if $(filter latent,$(TEACHER)),$(RUN)/vae/train_config.json)
 	$(PY) train_teacher.py $(TEACHER_WHERE) $(TEACHER_FLAGS) $$(test -f $(RUN)/teacher/train_state.pt && echo --resume)
 
 $(RUN)/classifier/config.json: $(RUN)/teacher/train_config.json

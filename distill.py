@@ -397,6 +397,7 @@ def check_same_method(args, saved, out):
                             ("--gan-features", args.gan_features, saved.get("gan_features", "fake")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0),
                             ("--guidance-t-max", args.guidance_t_max, saved.get("guidance_t_max", 1.0)),
+                            ("--dm-shift", args.dm_shift, saved.get("dm_shift", 1.0)),
                             ("--reg-step-inputs", args.reg_step_inputs, saved.get("reg_step_inputs", "noised"))):
         if now != then:
             raise UserError(f"cannot --resume {out} with {flag} = {now}: it was made with {then}; "

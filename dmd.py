@@ -39,6 +39,7 @@ class StepConfig:
     reg_weight: float = 0.25
     t_min: float = 0.02
     t_max: float = 0.98
+    dm_shift: float = 1.0  # the DM loss's t moved toward noise, as a flow model's timestep shift (1 = DMD2's uniform)
     guidance_t_max: float = 1.0  # µreal guided only at t <= this x T; unguided above (1 = everywhere, DMD2)
     fake_loss: str = "native"
     gan_weight: float = 0.0
@@ -77,6 +78,9 @@ def add_arguments(p):
     p.add_argument("--huber-c", type=number(float, 0), default=0.03, help="pseudo-Huber c (on the per-pixel RMS scale)")
     p.add_argument("--t-min", type=number(float, 0, inclusive=True), default=C.t_min, help="DM loss t range, as a fraction of T (DMD2: 0.02)")
     p.add_argument("--t-max", type=number(float, 0), default=C.t_max, help="DM loss t range upper end (DMD2: 0.98)")
+    p.add_argument("--dm-shift", type=number(float, 0), default=C.dm_shift,
+                   help="move the DM loss's t toward noise: s = (t+1)/T -> shift s / (1 + (shift-1) s), a flow model's "
+                        "timestep shift (DMD2's users on SD3: it helped); 1 = uniform, as DMD2")
     p.add_argument("--guidance-t-max", type=number(float, 0), default=C.guidance_t_max, help="µreal's guidance only at t <= this x T, the conditional teacher unguided above it (1 = at every t, DMD2); guidance at the noisiest inputs costs diversity (Kynkäänniemi et al. 2024, guidance in a limited interval)")
     p.add_argument("--fake-loss", default=C.fake_loss, choices=["native", "x0"], help="µfake objective: the teacher's own (ε or v) or the seed's x̂0 form")
     p.add_argument("--gan-weight", type=number(float, 0, inclusive=True), default=C.gan_weight, help="λ_GAN of the generator's GAN loss through µfake's head (DMD2: 3e-3 on ImageNet-64; 0 = no GAN)")
@@ -86,7 +90,8 @@ def add_arguments(p):
                         "placement; pooled, no spatial layout), the down path's 7x7 map, blind to t and y (measured "
                         "better on the CPU demo: docs/RESULTS.md), the first up block's 14x14 map (t, y and "
                         "layout; measured no better), or each of the down path's maps, 28x28 to 7x7, with a head "
-                        "each (texture at full resolution; measured no better)")
+                        "each (texture at full resolution; measured no better); a UNet2DModel's head reads its mid "
+                        "block, a DiT's its middle block's tokens, whatever this says")
     p.add_argument("--gan-features", default=C.gan_features, choices=["fake", "teacher"],
                    help="whose features of the noised image the GAN head reads (--gan-head-input picks which): µfake's "
                         "(DMD2: one network, whose score learning the head's loss also shapes) or the frozen teacher's "
@@ -176,7 +181,7 @@ def draw_batch(gen, step, cfg, shape, num_classes, T, pairs=None, real=None, ran
         return perm[offset * Bg:(offset + 1) * Bg][mine]
     b = Batch(z=draw(torch.randn((Bg, *shape), generator=gen)),
               y=draw(torch.randint(0, num_classes, (Bg,), generator=gen)) if num_classes else None,
-              t_dm=draw(dm_timesteps(Bg, T, gen, cfg.t_min, cfg.t_max)),
+              t_dm=draw(dm_timesteps(Bg, T, gen, cfg.t_min, cfg.t_max, cfg.dm_shift)),
               eps_dm=draw(torch.randn((Bg, *shape), generator=gen)),
               t_fake=draw(torch.randint(0, T, (Bg,), generator=gen)),
               eps_fake=draw(torch.randn((Bg, *shape), generator=gen)))

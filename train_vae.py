@@ -31,16 +31,16 @@ def main():
     p.add_argument("--image-size", type=number(int, 0), default=None, help="your own images (--data-dir, no --dataset): their square size")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="your own images: grey (1) or RGB (3); default 3")
     p.add_argument("--latent-channels", type=number(int, 0), default=4, help="channels of a latent (SD: 4)")
-    p.add_argument("--block-out-channels", type=lambda s: [number(int, 0)(c) for c in s.split(",")], default=[32, 64],
-                   help="encoder / decoder widths, one per level; each level but the first halves the size (32,64: "
+    p.add_argument("--block-out-channels", type=lambda s: [number(int, 0)(c) for c in s.split(",")], default=[16, 32],
+                   help="encoder / decoder widths, one per level; each level but the first halves the size (16,32: "
                         "28x28 -> 14x14; SD: 128,256,512,512, 8x)")
     p.add_argument("--layers-per-block", type=number(int, 0), default=1, help="resnet blocks per level (SD: 2)")
     p.add_argument("--kl-weight", type=number(float, 0, inclusive=True), default=1e-4,
                    help="weight of the KL term per latent against L1 per pixel: larger pulls the posterior toward "
                         "N(0, I) (smoother latents), smaller keeps finer detail")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="global batch")
-    p.add_argument("--lr", type=number(float, 0), default=1e-3, help="AdamW learning rate")
-    p.add_argument("--max-steps", type=number(int, 0), default=1000, help="training steps")
+    p.add_argument("--lr", type=number(float, 0), default=2e-3, help="AdamW learning rate")
+    p.add_argument("--max-steps", type=number(int, 0), default=600, help="training steps (Fashion-MNIST: 26 dB held-out PSNR at 600)")
     p.add_argument("--warmup-steps", type=number(int, 0, inclusive=True), default=50, help="linear lr warm-up steps")
     p.add_argument("--log-every", type=number(int, 0), default=100, help="status line every N steps")
     p.add_argument("--ckpt-every", type=number(int, 0), default=500, help="save the training state every N steps")

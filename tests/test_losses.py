@@ -109,6 +109,18 @@ def test_timestep_range():
     assert t.min().item() == 8 and t.max().item() == 392
 
 
+def test_timestep_shift_moves_the_draws_toward_noise():
+    """--dm-shift 3 maps a draw's place u in the range [t_min T, t_max T] to 3u / (1 + 2u), from the same draws: the
+    median goes from the range's middle to three quarters of it, the draws stay in the range; shift 1 is the draw
+    itself."""
+    plain = dm_timesteps(100_000, 1000, torch.Generator().manual_seed(0))
+    assert torch.equal(dm_timesteps(100_000, 1000, torch.Generator().manual_seed(0), shift=1.0), plain)
+    shifted = dm_timesteps(100_000, 1000, torch.Generator().manual_seed(0), shift=3.0)
+    u = (plain.double() - 20 + 0.5) / 961
+    assert torch.equal(shifted, 20 + (3 * u / (1 + 2 * u) * 961).long())
+    assert abs(shifted.double().median().item() - (20 + 0.75 * 961)) < 5 and shifted.min() >= 20 and shifted.max() == 980
+
+
 def test_pseudo_huber():
     x, y = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
     c = 0.03
