@@ -101,7 +101,8 @@ def write_model_card(folder, config, report=None):
     """The one writer of a pipeline folder's model card (README.md). `config` is distill.py's (dmd/config.json) with
     steps_done; `report` is evaluate.py's, if any. Its loading code asks for trust_remote_code=True where the folder
     carries its UNet's code."""
-    card = model_card(config, report, custom_code=os.path.isfile(os.path.join(folder, "unet", UNET_CODE)))
+    card = model_card(config, report, contextunet=os.path.isfile(os.path.join(folder, "unet", UNET_CODE)),
+                      pipeline_code=os.path.isfile(os.path.join(folder, PIPELINE_CODE)))
     with atomic(os.path.join(folder, "README.md")) as tmp, open(tmp, "w") as f:
         f.write(card)
 
@@ -114,9 +115,10 @@ def checkpoint_note(config):
     return "netG's weights at the last step (run with --ema for an averaged student)"
 
 
-def model_card(config, report=None, custom_code=False):
+def model_card(config, report=None, contextunet=False, pipeline_code=False):
     """The text of the model card: the hub's metadata header, what the student is, its teacher and recipe, the code
-    that loads and runs it, and its evaluation if any."""
+    that loads and runs it (with trust_remote_code=True where the folder carries code: the ContextUnet's in unet/,
+    the GeneratorPipeline's), and its evaluation if any."""
     K, classes = len(config["generator_timesteps"]), config.get("num_classes", 0)
     method = "DMD2" if config["reg_weight"] == 0 else "DMD"
     meta = ModelCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
@@ -128,8 +130,9 @@ def model_card(config, report=None, custom_code=False):
         "generator_steps") if k in config)
     n = min(classes, 8) or 8
     labels = f"class_labels=list(range({n})), " if classes else ""
-    load = ('"PATH/TO/THIS/FOLDER", trust_remote_code=True)  # runs unet/' + UNET_CODE + ", the UNet's code"
-            if custom_code else '"PATH/TO/THIS/FOLDER")')
+    code = [f for f, here in ((f"unet/{UNET_CODE}", contextunet), (PIPELINE_CODE, pipeline_code)) if here]
+    load = (f'"PATH/TO/THIS/FOLDER", trust_remote_code=True)  # runs {" and ".join(code)}, the folder\'s own code'
+            if code else '"PATH/TO/THIS/FOLDER")')
     lines = ["---", meta.to_yaml(), "---", "", f"# A {K}-step image generator distilled with {method}", "",
              f"- teacher: `{config['teacher']}` (weights sha256 {config['teacher_hash']}), {config['prediction_type']}, "
              f"T = {config['T']}; the generator runs at timesteps {config['generator_timesteps']}",
@@ -142,9 +145,12 @@ def model_card(config, report=None, custom_code=False):
              f"generator=[torch.Generator().manual_seed(i) for i in range({n})]).images", "```"]
     if classes:
         lines += ["", f"Class labels are 0..{classes - 1}; without `class_labels` the pipeline draws them at random."]
-    if custom_code:
+    if contextunet:
         lines += ["", "The UNet is the MNIST ContextUnet (its code beside its weights): diffusers warns that it expected "
                       "a UNet2DModel, and runs it."]
+    if pipeline_code:
+        lines += ["", f"The pipeline is {PIPELINE_CODE}'s GeneratorPipeline (its code in this folder, torch and diffusers "
+                      f"only): the generator's {K} step(s), then the VAE's decoding where the student makes latents."]
     if report:
         lines += ["", f"Evaluation ({report['num_samples']} samples on held-out seeds, {report['feature_extractor']}, "
                       f"{report['device']}):", "", "| model | NFE | FID | precision | recall | class accuracy |", "|---|---|---|---|---|---|"]
