@@ -158,6 +158,7 @@ def test_flow_teacher_is_distilled_as_flow_and_exported_with_its_scheduler(flow_
         sched = read_json(folder / "scheduler_config.json")
         assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler" and sched["shift"] == 3.0
     assert pipeline_matches_sample_py(r, teacher, 1, tmp_path / "k1") <= 1 / 255 + 1e-6
+    assert "trust_remote_code=True)  # runs pipeline_generator.py" in (r / "dmd" / "pipeline" / "README.md").read_text()
     r2 = tmp_path / "k2"
     run("distill.py", "--teacher", teacher, "--run-dir", r2, "--steps", 2, "--batch-size", 4, "--reg-weight", 0,
         "--generator-steps", 2, "--backward-simulation", "--probe-every", 0)
