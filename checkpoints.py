@@ -8,7 +8,8 @@ import hashlib
 import os
 import shutil
 
-from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import (AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler,
+                       UNet2DConditionModel, UNet2DModel)
 from huggingface_hub import HfApi, ModelCardData, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -16,7 +17,7 @@ import contextunet
 import pipeline_generator
 from cli import UserError
 from contextunet import ContextUnet
-from models import BACKBONES, Denoiser, check_guidance, class_labels_of
+from models import BACKBONES, Denoiser, TextEncoder, check_guidance, class_labels_of
 from files import TEACHER, atomic, load_json, save_folder, write_json
 from recipes import PRESETS, default_guidance
 from schedules import scheduler_class
@@ -27,23 +28,27 @@ UNET_CODE = f"{ContextUnet.__module__}.py"  # a ContextUnet's code, in an export
 PIPELINE_CODE = f"{pipeline_generator.__name__}.py"  # a flow or latent student's pipeline code, in its folder
 
 
-def save_teacher(backbone, scheduler, folder, vae=None):
-    """Diffusers layout (backbone + scheduler in one folder, a latent teacher's AutoencoderKL in vae/), every file
-    renamed into place whole."""
+def save_teacher(backbone, scheduler, folder, vae=None, text=None):
+    """Diffusers layout (backbone + scheduler in one folder, a latent teacher's AutoencoderKL in vae/, a text-to-image
+    teacher's text encoder and tokenizer in text_encoder/ and tokenizer/, as SD's), every file renamed into place
+    whole."""
     save_folder(folder, backbone, scheduler)
+    if text is not None:
+        save_folder(os.path.join(folder, "text_encoder"), text.model)
+        save_folder(os.path.join(folder, "tokenizer"), text.tokenizer)
     if vae is not None:
         save_folder(os.path.join(folder, "vae"), vae)
 
 
-def save_student(backbone, scheduler, folder, timesteps, vae=None):
-    """A student: the teacher's folder layout (with its VAE: the folder makes images on its own) plus generator.json,
-    the generator's timesteps (K = their number), so that sampling, evaluation and the pipeline export run it at the
-    timesteps it was trained for."""
-    save_teacher(backbone, scheduler, folder, vae)
+def save_student(backbone, scheduler, folder, timesteps, vae=None, text=None):
+    """A student: the teacher's folder layout (with its VAE and text encoder: the folder makes images on its own) plus
+    generator.json, the generator's timesteps (K = their number), so that sampling, evaluation and the pipeline export
+    run it at the timesteps it was trained for."""
+    save_teacher(backbone, scheduler, folder, vae, text)
     write_json(dict(timesteps=[int(t) for t in timesteps]), os.path.join(folder, GENERATOR_CONFIG))
 
 
-def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None):
+def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None, text=None):
     """The student as a diffusers pipeline that `DiffusionPipeline.from_pretrained(folder)` loads with diffusers and
     torch alone, from any folder, with a scheduler that runs the student at its timesteps (`config`, distill.py's,
     goes into the model card).
@@ -56,6 +61,9 @@ def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None):
       in the folder (diffusers' way for a custom pipeline; components unet/ or transformer/ as DiTPipeline names
       them, scheduler/, vae/). Flow: FlowMatchEulerDiscreteScheduler, stochastic at K > 1 (x̂0 re-noised with fresh
       noise, DMD2's K-step sampling); DDPM: DDIM / LCM as above.
+    - A text-to-image student (`text`): StableDiffusionPipeline, the student's UNet with the teacher's VAE, text
+      encoder and tokenizer and the DDIM / LCM scheduler above: pipe(prompt, num_inference_steps=K,
+      guidance_scale=1.0) (its guidance was distilled into it: the pipeline must not guide again).
     Code that is no diffusers class (a ContextUnet, the GeneratorPipeline) runs only with trust_remote_code=True."""
     from diffusers import ConsistencyModelPipeline, DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
     K, flow = len(timesteps), isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
@@ -66,7 +74,12 @@ def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None):
     else:
         sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=K, clip_sample=False)
     net = real_classes_only(backbone)
-    if flow or vae is not None:
+    if text is not None:
+        from diffusers import StableDiffusionPipeline
+        save_folder(folder, StableDiffusionPipeline(vae=vae, text_encoder=text.model, tokenizer=text.tokenizer, unet=net,
+                                                    scheduler=sched, safety_checker=None, feature_extractor=None,
+                                                    requires_safety_checker=False))
+    elif flow or vae is not None:
         name = "transformer" if isinstance(backbone, DiTTransformer2DModel) else "unet"
         save_folder(folder, pipeline_generator.GeneratorPipeline(scheduler=sched, vae=vae, **{name: net}))
         with atomic(os.path.join(folder, PIPELINE_CODE)) as tmp:
@@ -130,6 +143,7 @@ def model_card(config, report=None, contextunet=False, pipeline_code=False):
         "generator_steps") if k in config)
     n = min(classes, 8) or 8
     labels = f"class_labels=list(range({n})), " if classes else ""
+    prompts = config.get("prompts")
     code = [f for f, here in ((f"unet/{UNET_CODE}", contextunet), (PIPELINE_CODE, pipeline_code)) if here]
     load = (f'"PATH/TO/THIS/FOLDER", trust_remote_code=True)  # runs {" and ".join(code)}, the folder\'s own code'
             if code else '"PATH/TO/THIS/FOLDER")')
@@ -141,9 +155,14 @@ def model_card(config, report=None, contextunet=False, pipeline_code=False):
              f"- checkpoint: {checkpoint_note(config)}", "",
              "```python", "import torch", "from diffusers import DiffusionPipeline",
              f"pipe = DiffusionPipeline.from_pretrained({load}",
-             f"images = pipe(batch_size={n}, {labels}num_inference_steps={K}, "
-             f"generator=[torch.Generator().manual_seed(i) for i in range({n})]).images", "```"]
-    if classes:
+             (f"images = pipe({prompts[:2]!r}, num_inference_steps={K}, guidance_scale=1.0,  # its guidance is distilled in\n"
+              f"             generator=[torch.Generator().manual_seed(i) for i in range(2)]).images" if prompts else
+              f"images = pipe(batch_size={n}, {labels}num_inference_steps={K}, "
+              f"generator=[torch.Generator().manual_seed(i) for i in range({n})]).images"), "```"]
+    if prompts:
+        lines += ["", f"Distilled for {len(prompts)} prompts (e.g. {prompts[0]!r}); guidance {config.get('guidance')} "
+                      f"against the empty prompt is part of the student, so guidance_scale must stay 1."]
+    elif classes:
         lines += ["", f"Class labels are 0..{classes - 1}; without `class_labels` the pipeline draws them at random."]
     if contextunet:
         lines += ["", "The UNet is the MNIST ContextUnet (its code beside its weights): diffusers warns that it expected "
@@ -206,6 +225,7 @@ def load_teacher(source):
         scheduler = scheduler_class(name).from_pretrained(source, subfolder=scheduler_folder, local_files_only=local_only)
         vae_folder = os.path.join(source, "vae")  # by its path: diffusers' subfolder= would take a model folder's
         vae = AutoencoderKL.from_pretrained(vae_folder).eval() if os.path.isdir(vae_folder) else None  # own weights
+        text = load_text_encoder(source) if isinstance(backbone, UNet2DConditionModel) else None
     except UserError:
         raise
     except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
@@ -217,7 +237,18 @@ def load_teacher(source):
     if vae is not None and vae.config.latent_channels != backbone.config.in_channels:
         raise UserError(f"teacher '{source}': its vae/ makes latents of {vae.config.latent_channels} channels but the "
                         f"denoiser takes {backbone.config.in_channels}: pair the denoiser with the VAE it was trained on")
-    return backbone.eval(), scheduler, vae
+    return backbone.eval(), scheduler, vae, text
+
+
+def load_text_encoder(source):
+    """A text-to-image teacher's TextEncoder: text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer) beside
+    its UNet, as in SD 1.x / 2.x pipeline folders."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    folders = [os.path.join(source, sub) for sub in ("text_encoder", "tokenizer")] if os.path.isdir(source) else []
+    if not folders or not all(os.path.isdir(f) for f in folders):
+        raise UserError(f"teacher '{source}' is a text-to-image UNet (UNet2DConditionModel) with no text_encoder/ and "
+                        f"tokenizer/ beside it: pass the folder that StableDiffusionPipeline.save_pretrained wrote")
+    return TextEncoder(CLIPTokenizer.from_pretrained(folders[1]), CLIPTextModel.from_pretrained(folders[0]))
 
 
 def default_teacher(dataset, run_dir):
@@ -259,15 +290,17 @@ def check_image_shape(den, dataset, source):
 
 
 def weights_hash(source):
-    """sha256 (first 16 hex digits) of a teacher's weight file, and of its VAE's where it has one (the images its
-    latents decode to are part of the teacher): pairs and students name their teacher by it."""
+    """sha256 (first 16 hex digits) of a teacher's weight file, and of its VAE's and text encoder's where it has them
+    (the images its latents decode to, the prompts it reads, are part of the teacher): pairs and students name their
+    teacher by it."""
     folder = os.path.join(source, pipeline_subfolder(source) or "") if os.path.isdir(source) else source
     path = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
     if path is None:  # a hub id: hash the file that load_teacher put in the cache
         path = try_to_load_from_cache(source, WEIGHT_FILES[0])
-    vae = os.path.join(source, "vae")
-    paths = [path] + ([os.path.join(vae, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(vae, f))][:1]
-                      if os.path.isdir(vae) else [])
+    paths = [path]
+    for part, files in (("vae", WEIGHT_FILES), ("text_encoder", ("model.safetensors", "pytorch_model.bin"))):
+        found = [os.path.join(source, part, f) for f in files if os.path.isfile(os.path.join(source, part, f))]
+        paths += found[:1] if os.path.isdir(source) else []
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
@@ -276,12 +309,25 @@ def weights_hash(source):
     return h.hexdigest()[:16]
 
 
-def open_teacher(source, dataset, guidance=None, device="cpu"):
+def open_teacher(source, dataset, guidance=None, device="cpu", prompts=None):
     """The one way every script opens a teacher (or a student, which is saved the same way): load it, check it makes
-    the dataset's images, wrap it as a Denoiser (with its VAE, for a latent teacher), and resolve the guidance scale
-    (None = recipes.default_guidance), refusing guidance for a teacher without a null class. Returns (Denoiser in
-    eval mode on `device`, guidance)."""
-    den = Denoiser(*load_teacher(source)).to(device).eval()
+    the dataset's images, wrap it as a Denoiser (with its VAE, for a latent teacher; with its text encoder reading
+    `prompts`, the labels, for a text-to-image one), and resolve the guidance scale (None = recipes.default_guidance),
+    refusing guidance for a teacher without a null class. Returns (Denoiser in eval mode on `device`, guidance)."""
+    backbone, scheduler, vae, text = load_teacher(source)
+    if text is not None and not prompts:
+        raise UserError(f"teacher '{source}' is text-to-image: pass --prompts FILE (one prompt a line), the prompts "
+                        f"its images are made for")
+    if text is None and prompts:
+        raise UserError(f"--prompts is for text-to-image teachers (a UNet2DConditionModel with a text encoder); "
+                        f"'{source}' is a {type(backbone).__name__}: drop --prompts")
+    if text is not None and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise UserError(f"teacher '{source}' is a flow-matching text-to-image UNet: its students would need SD3's kind "
+                        f"of pipeline, which this project does not export; text-to-image teachers here are SD 1.x / "
+                        f"2.x-shaped (a DDPM-family scheduler)")
+    if text is not None:
+        text.to(device).set_prompts(prompts)
+    den = Denoiser(backbone, scheduler, vae, text).to(device).eval()
     check_image_shape(den, dataset, source)
     guidance = default_guidance(den.null_label is not None) if guidance is None else guidance
     check_guidance(den, guidance, source)

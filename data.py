@@ -10,6 +10,7 @@
   is; class subfolders (torchvision's ImageFolder layout: DIR/<class>/*.png) give labels, in sorted folder order.
 """
 import gzip
+import json
 import os
 import sys
 
@@ -187,23 +188,100 @@ def load_splits(name, data_dir=None, verbose=True, shape=None, num_classes=None)
     return Subset(train, perm[n_ref:]), Subset(train, perm[:n_ref]), f"{n_ref} images of the folder held out"
 
 
+def read_prompts(path):
+    """The prompts of a --prompts file: one a line, blank lines skipped."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts {path} does not exist: pass a text file with one prompt a line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts {path} holds no prompt: write one prompt a line")
+    return prompts
+
+
+def captioned(images, folder):
+    """An image folder's dataset (ImageFiles, or load_splits' Subset of one) with each image's caption instead of its
+    class: (image, caption index), and the captions. The captions are the folder's metadata.jsonl, the convention of
+    diffusers' training scripts and of datasets' imagefolder: one JSON object a line, {"file_name": path relative to
+    the folder, "text": caption}."""
+    path = os.path.join(folder, "metadata.jsonl") if folder else ""
+    if not os.path.isfile(path):
+        raise UserError(f"a text-to-image teacher's real images need captions: '{folder}' has no metadata.jsonl "
+                        f"(one line per image: {{\"file_name\": \"...\", \"text\": \"...\"}}; write_captions.py "
+                        f"makes one for a class-labelled dataset)")
+    with open(path, encoding="utf-8") as f:
+        text_of = {os.path.normpath(row["file_name"]): row["text"] for row in map(json.loads, filter(str.strip, f))}
+    files = getattr(images, "dataset", images)
+    keep = getattr(images, "indices", range(len(files)))
+    names = [os.path.normpath(os.path.relpath(files.paths[i], folder)) for i in keep]
+    missing = [n for n in names if n not in text_of]
+    if missing:
+        raise UserError(f"{path} has no caption for {len(missing)} of the folder's images (e.g. {missing[0]}): give "
+                        f"every image a line")
+    captions = list(dict.fromkeys(text_of[n] for n in names))
+    index = {c: i for i, c in enumerate(captions)}
+    return Relabelled(images, [index[text_of[n]] for n in names]), captions
+
+
+class Relabelled(Dataset):
+    """A dataset of (image, label) with other labels: (image, labels[i])."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i][0], self.labels[i]
+
+
+def prompt_classes(prompts, class_names):
+    """For class accuracy of a text-to-image teacher: the class each prompt asks for, the longest class name it holds
+    as whole words (case and punctuation aside: "T-shirt/top" in "a photo of a t-shirt/top", before "Shirt"), or -1
+    where it holds none."""
+    def words(text):
+        return " " + "".join(c if c.isalnum() else " " for c in text.lower()).strip() + " "
+    names = sorted(((words(n), i) for i, n in enumerate(class_names)), key=lambda p: -len(p[0]))
+    return [next((i for n, i in names if n in words(prompt)), -1) for prompt in prompts]
+
+
+def class_names_of_data(name, images):
+    """The data's class names: the preset's, an image folder's class subfolders (sorted), else their numbers."""
+    while isinstance(images, (Subset, Relabelled)):
+        images = images.dataset if isinstance(images, Subset) else images.images
+    names = PRESETS[name].get("class_names") or getattr(images, "classes", None)
+    return list(names or map(str, range(PRESETS[name]["num_classes"] or 0)))
+
+
 def encoded_dataset(images, vae, cache, batch_size=256):
     """A dataset of (latents, label): `images` (a dataset of (image, label)) through a latent teacher's VAE
     (models.Autoencoder: one draw of its posterior per image, from a generator seeded by the batch's index, so the
-    same every time), computed once and kept in the safetensors file `cache`, read from there afterwards."""
+    same every time). The latents are computed once and kept in the safetensors file `cache`, read from there
+    afterwards; the labels are the dataset's own each time (classes, or a caption's label)."""
     if not os.path.isfile(cache):
-        latents, labels = [], []
+        latents = []
         device = next(vae.vae.parameters()).device
         for i in range(0, len(images), batch_size):
-            items = [images[j] for j in range(i, min(i + batch_size, len(images)))]
-            x = torch.stack([x for x, _ in items]).to(device)
+            x = torch.stack([images[j][0] for j in range(i, min(i + batch_size, len(images)))]).to(device)
             latents.append(vae.encode(x, torch.Generator(device).manual_seed(i)).float().cpu())
-            labels.append(torch.as_tensor([int(y) for _, y in items]))
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with atomic(cache) as tmp:
-            save_file({"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels)}, tmp)
-    saved = load_file(cache)
-    return TensorDataset(saved["latents"], saved["labels"])
+            save_file({"latents": torch.cat(latents).contiguous()}, tmp)
+    return TensorDataset(load_file(cache)["latents"], torch.as_tensor(item_labels(images)))
+
+
+def item_labels(ds):
+    """Every item's label, read without decoding images where the dataset keeps them apart (an image folder, a
+    relabelled or a subset dataset, tensors)."""
+    if isinstance(ds, (Relabelled, ImageFiles)):
+        return list(ds.labels)
+    if isinstance(ds, Subset):
+        labels = item_labels(ds.dataset)
+        return [labels[i] for i in ds.indices]
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].tolist()
+    return [int(y) for _, y in ds]
 
 
 def save_grid(images, path, nrow=8):

@@ -24,7 +24,8 @@ from torchvision.utils import make_grid
 
 import dmd
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
-from data import encoded_dataset, load_pairs, load_splits, save_grid
+from data import (Relabelled, captioned, class_names_of_data, encoded_dataset, load_pairs, load_splits, prompt_classes,
+                  read_prompts, save_grid)
 from files import (CLASSIFIER, DMD, EVAL, LATENTS, PAIRS, VAE, TEACHER, PIPELINE, STATE, STUDENT, STUDENT_BEST, STUDENT_EMA, append_jsonl, atomic,
                    check_run_folder, load_json, load_state, save_state, truncate_jsonl, write_json)
 from losses import regression_loss
@@ -66,10 +67,21 @@ def parse_args():
                    help="quality probe every N steps: FID / accuracy of one-step samples on the features of "
                         "<run-dir>/classifier (made by `evaluate.py --prepare`); the best is kept as student_best; 0 = off")
     p.add_argument("--probe-samples", type=number(int, 3), default=500, help="samples per quality probe (recall's k = 3 needs 4)")
-    p.add_argument("--data-dir", default=None, help="dataset folder: the probe's reference images, the GAN's real images")
+    p.add_argument("--data-dir", default=None, help="dataset folder: the probe's reference images, the GAN's real images "
+                                                    "(a text-to-image teacher's: with their captions, metadata.jsonl)")
+    p.add_argument("--prompts", default=None,
+                   help="a text-to-image teacher: the prompts G is distilled for, one a line (each encoded once by the "
+                        "frozen text encoder; guidance is against the empty prompt)")
     p.add_argument("--out", default=DMD,
                    help="this run's folder inside --run-dir, a plain name (the recipe's regression warm start writes "
                         "kd/, the DMD2 run that starts from it, --generator-init <run-dir>/kd/student, writes dmd/)")
+    p.add_argument("--lora-rank", type=number(int, 0, inclusive=True), default=0,
+                   help="netG and µfake as LoRA adapters of this rank on one shared, frozen copy of the teacher (peft), "
+                        "which µreal is: one base network in memory instead of three, and only the adapters trained "
+                        "(a text-to-image teacher's memory; docs/BENCHMARKS.md); 0 = full weights")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the networks' activations in the backward pass instead of keeping them: less "
+                        "memory, about a third more compute (diffusers' UNets)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/<out>/train_state.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in <run-dir>/<out>")
     dmd.add_arguments(p)
@@ -111,6 +123,12 @@ def parse_args():
                         "--generator-steps K > 1 and the regression alone (--reg-weight > 0 --dm-weight 0 --gan-weight 0)")
     if args.backward_simulation and args.generator_steps == 1:
         raise UserError("--backward-simulation needs a K-step generator: add --generator-steps K (K > 1; DMD2: 4)")
+    if args.lora_rank and args.gradient_checkpointing:
+        raise UserError("--gradient-checkpointing recomputes a forward in the backward pass, when the shared base of "
+                        "--lora-rank runs another network's adapter: use one of the two")
+    if args.lora_rank and (args.ema or args.generator_init):
+        raise UserError(f"--lora-rank trains adapters on the teacher itself: {'--ema' if args.ema else '--generator-init'} "
+                        f"would need a second full network; drop it")
     if args.divergence != "reverse-kl" and args.generator_loss == "sid":
         raise UserError(f"--divergence {args.divergence} weighs DMD's gradient and --generator-loss sid replaces it: "
                         f"drop --divergence, or use --generator-loss dmd")
@@ -132,28 +150,41 @@ def main():
                                       accelerator.is_main_process)
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes: pick a multiple of {world}")
+    if args.lora_rank and world > 1:
+        raise UserError(f"--lora-rank shares one base network between netG and µfake, which {world} data-parallel "
+                        f"processes cannot wrap twice: run one process (DMD2's answer for SDXL on several GPUs is FSDP)")
 
     # --- set-up: the teacher, netG / µreal / µfake, the data, the optimisers (docs/ALGORITHM.md)
-    teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance, prompts=prompts)
     cfg = dmd.StepConfig.from_args(args)
     scheduler, vae = teacher.schedule.scheduler, teacher.vae and teacher.vae.vae  # the teacher's own, saved with students
+    text = teacher.text  # a text-to-image teacher's encoder and prompts (the labels), shared by the three networks
+    if args.gradient_checkpointing:
+        enable_checkpointing(teacher.backbone)
     net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, scheduler, cfg.gan_weight > 0,
-                                                                    args.seed, args.gan_head_input, vae))
+                                                                    args.seed, args.gan_head_input, vae, text,
+                                                                    args.lora_rank))
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes (latents: their shape)
     if args.generator_init and not args.resume:
         init_generator(net_g, args.generator_init, weights_hash(args.teacher))
     timesteps = generator_timesteps(T, cfg.generator_steps)  # (refuses a K that does not divide T)
-    meta, pairs = read_pairs(args, timesteps) if args.pairs else ({}, None)
-    real = (load_splits(args.dataset, args.data_dir, main_process, mu_real.image_shape, num_classes)[0]
+    meta, pairs = read_pairs(args, timesteps, prompts) if args.pairs else ({}, None)
+    data_classes = None if text else num_classes  # a text-to-image teacher's labels are prompts, not the data's classes
+    real = (load_splits(args.dataset, args.data_dir, main_process, mu_real.image_shape, data_classes)[0]
             if dmd.needs_real_images(cfg) else None)
     check_real_images(args, real)
+    if real is not None and text:  # real images with their captions, labels in the text encoder's table after the prompts
+        real, captions = captioned(real, args.data_dir)
+        real = Relabelled(real, [text.set_prompts(prompts, captions)[c] for c in real.labels])
     if real is not None and mu_real.vae:  # a latent teacher's G, µreal and µfake see real images as their latents
         real = real_latents(args, real, mu_real.vae, accelerator)
     # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none
     reg_fn, reg_used = regression_loss(args.reg_loss, args.huber_c) if args.reg_weight > 0 else (None, "none")
     if reg_used == "lpips" and mu_real.vae:  # LPIPS compares images: a latent teacher's are decoded (with grad) first
         reg_fn = DecodedDistance(reg_fn, mu_real.vae)
-    opt_g, opt_fake = torch.optim.AdamW(net_g.parameters(), lr=args.lr), torch.optim.AdamW(mu_fake.parameters(), lr=args.lr_fake)
+    opt_g, opt_fake = (torch.optim.AdamW(net_g.trained_parameters(), lr=args.lr),
+                       torch.optim.AdamW(mu_fake.trained_parameters(), lr=args.lr_fake))
     st = TrainState(net_g, mu_fake, opt_g, opt_fake, *(lr_schedule(args, o) for o in (opt_g, opt_fake)),
                     AveragedModel(net_g.backbone, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
                     if args.ema else None,
@@ -167,21 +198,23 @@ def main():
     real_checksum = checksum(mu_real)  # recorded again at the end: µreal must never change
     config = dict(vars(args), reg_loss_used=reg_used, teacher_hash=weights_hash(args.teacher), num_processes=world,
                   per_process_batch=args.batch_size // world, prediction_type=net_g.prediction_type, T=T,
-                  num_classes=num_classes, generator_timesteps=timesteps, pairs_meta=meta)
+                  num_classes=num_classes, generator_timesteps=timesteps, pairs_meta=meta, prompts_file=args.prompts,
+                  prompts=prompts)
     if reg_used not in (args.reg_loss, "none"):
         config["notice"] = f"LPIPS unavailable: regression loss fell back to {reg_used}"
 
     # The student this run ships (dmd/pipeline) and its probe keeps (student_best): the EMA of netG when there is one
-    shipped, shipped_name = ((Denoiser(st.ema.module, scheduler, vae), STUDENT_EMA) if st.ema else (net_g, STUDENT))
+    shipped, shipped_name = ((Denoiser(st.ema.module, scheduler, vae, text), STUDENT_EMA) if st.ema else (net_g, STUDENT))
     config["exported"] = shipped_name
 
     # --- what the run shows: sample grids on fixed seeds (one-step before distillation vs G now), the probe
     grids = SampleGrid(mu_real, shape, num_classes, timesteps, dev) if main_process else None
     probe = None
     if main_process and args.probe_every:
-        real_train, real_reference, _ = load_splits(args.dataset, args.data_dir, False, mu_real.image_shape, num_classes)
+        real_train, real_reference, _ = load_splits(args.dataset, args.data_dir, False, mu_real.image_shape, data_classes)
         probe = make_probe(os.path.join(args.run_dir, CLASSIFIER), real_reference, args.probe_samples, PROBE_SEED, shape,
-                           num_classes, timesteps, dev, mu_real.decode)
+                           num_classes, timesteps, dev, mu_real.decode,
+                           prompt_classes(prompts, class_names_of_data(args.dataset, real_train)) if text else None)
         best = best_teacher_row(args.run_dir, config["teacher_hash"])
         if probe is not None and best is not None:  # the gap, read as evaluate.py reads it: against the teacher's best
             probe.set_gap_reference(best["model"], lambda z, y: sample_teacher(mu_real, z, y, best["steps"],
@@ -236,7 +269,7 @@ def main():
                 fid = row["probe_fid_ema" if st.ema else "probe_fid"]
                 if fid < st.best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
                     st.best_probe = fid
-                    save_student(shipped.backbone, scheduler, os.path.join(out, STUDENT_BEST), timesteps, vae)
+                    save_student(shipped.standalone(), scheduler, os.path.join(out, STUDENT_BEST), timesteps, vae, text)
                     write_json(dict(step=step, probe_fid=fid, of=shipped_name), os.path.join(out, STUDENT_BEST, "probe.json"))
             append_jsonl(row, os.path.join(out, "stats.jsonl"))
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -244,7 +277,7 @@ def main():
         if main_process and (step % args.sample_every == 0 or last):
             grids.save(net_g, out, step, accelerator.get_tracker(args.report_to) if args.report_to else None)
         if main_process and (step % args.ckpt_every == 0 or last):
-            save_checkpoint(out, st, scheduler, timesteps, vae)
+            save_checkpoint(out, st, scheduler, timesteps, vae, text)
             plot_losses(out)
         if stop:
             break
@@ -258,8 +291,8 @@ def main():
                         best_probe_fid=st.best_probe if probe else None, exported=shipped_name,
                         gap_reference=probe.gap_reference if probe else None),
                    os.path.join(out, "summary.json"))
-        save_pipeline(shipped.backbone, scheduler, os.path.join(out, PIPELINE), timesteps,
-                      dict(config, steps_done=st.step), vae)
+        save_pipeline(shipped.standalone(), scheduler, os.path.join(out, PIPELINE), timesteps,
+                      dict(config, steps_done=st.step), vae, text)
         print(f"dmd: {st.step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{shipped_name}, {out}/{PIPELINE} "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
     accelerator.end_training()  # closes the trackers, and the process group: after the last collective (the gather)
@@ -281,7 +314,7 @@ class TrainState:
     best_probe: float = float("inf")
 
     def state_dict(self):
-        return dict(net_g=self.net_g.backbone.state_dict(), mu_fake=self.mu_fake.backbone.state_dict(),
+        return dict(net_g=self.net_g.trained_state_dict(), mu_fake=self.mu_fake.trained_state_dict(),
                     gan_head=self.mu_fake.head.state_dict() if self.mu_fake.head is not None else {},
                     opt_g=self.opt_g.state_dict(), opt_fake=self.opt_fake.state_dict(),
                     sched_g=self.sched_g.state_dict(), sched_fake=self.sched_fake.state_dict(),
@@ -289,8 +322,8 @@ class TrainState:
                     best_probe=self.best_probe)
 
     def load_state_dict(self, state):
-        self.net_g.backbone.load_state_dict(state["net_g"])
-        self.mu_fake.backbone.load_state_dict(state["mu_fake"])
+        self.net_g.load_trained_state_dict(state["net_g"])
+        self.mu_fake.load_trained_state_dict(state["mu_fake"])
         if self.mu_fake.head is not None:
             self.mu_fake.head.load_state_dict(state["gan_head"])
         self.opt_g.load_state_dict(state["opt_g"])
@@ -310,11 +343,11 @@ def lr_schedule(args, optimizer):
     return get_scheduler(name, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.steps)
 
 
-def save_checkpoint(out, st, scheduler, timesteps, vae=None):
+def save_checkpoint(out, st, scheduler, timesteps, vae=None, text=None):
     """The students (diffusers folders) and the training state; main process only."""
-    save_student(st.net_g.backbone, scheduler, os.path.join(out, STUDENT), timesteps, vae)
+    save_student(st.net_g.standalone(), scheduler, os.path.join(out, STUDENT), timesteps, vae, text)
     if st.ema:
-        save_student(st.ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps, vae)
+        save_student(st.ema.module, scheduler, os.path.join(out, STUDENT_EMA), timesteps, vae, text)
     save_state(st.state_dict(), os.path.join(out, STATE))
 
 
@@ -396,6 +429,7 @@ def check_same_method(args, saved, out):
                             ("--gan-head-input", args.gan_head_input, saved.get("gan_head_input", "bottleneck")),
                             ("--gan-features", args.gan_features, saved.get("gan_features", "fake")),
                             ("--ema > 0", args.ema > 0, saved.get("ema", 0) > 0),
+                            ("--lora-rank", args.lora_rank, saved.get("lora_rank", 0)),
                             ("--guidance-t-max", args.guidance_t_max, saved.get("guidance_t_max", 1.0)),
                             ("--dm-shift", args.dm_shift, saved.get("dm_shift", 1.0)),
                             ("--reg-step-inputs", args.reg_step_inputs, saved.get("reg_step_inputs", "noised"))):
@@ -404,7 +438,7 @@ def check_same_method(args, saved, out):
                             f"resume with its flags (config.json) or start again with --overwrite")
 
 
-def read_pairs(args, timesteps):
+def read_pairs(args, timesteps, prompts=None):
     """The pairs' meta and (noise, image, labels, states), after checking they were made by this teacher with this
     guidance (and, for --reg-step-inputs teacher, with the states at this K-step generator's timesteps)."""
     meta, z_pairs, x_pairs, y_pairs, s_pairs = load_pairs(args.pairs)
@@ -420,6 +454,10 @@ def read_pairs(args, timesteps):
         raise UserError(f"pairs in {args.pairs} were guided at t <= {made:g} x T, µreal would be at t <= "
                         f"{args.guidance_t_max:g} x T: pass --guidance-t-max {made:g} or remake the pairs with "
                         f"precompute.py --guidance-t-max {args.guidance_t_max:g}")
+    if meta.get("prompts") != prompts:  # the pairs' labels are indices into their own prompts
+        raise UserError(f"pairs in {args.pairs} were made for {len(meta.get('prompts') or [])} prompts, not these "
+                        f"{len(prompts or [])} (--prompts): pass the pairs' prompts, or remake the pairs with "
+                        f"precompute.py --prompts")
     if args.reg_step_inputs == "teacher":
         wanted = timesteps[1:]  # the states feed steps 1..K-1
         if meta.get("state_timesteps") != wanted:
@@ -442,8 +480,17 @@ def init_generator(net_g, folder, teacher_hash):
     net_g.backbone.load_state_dict(load_teacher(folder)[0].state_dict())
 
 
+def enable_checkpointing(backbone):
+    """--gradient-checkpointing, diffusers' own; one line for a backbone without it."""
+    try:
+        backbone.enable_gradient_checkpointing()
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"--gradient-checkpointing: {type(backbone).__name__} has none ({str(e)[:80]}): drop the flag")
+
+
 def checksum(module):
-    return sum(p.double().sum().item() for p in module.state_dict().values() if p.is_floating_point())
+    """A number that changes when the weights do (a shared base's LoRA adapters left out: µreal is the base)."""
+    return sum(p.double().sum().item() for k, p in module.state_dict().items() if p.is_floating_point() and "lora_" not in k)
 
 
 def plot_losses(out):

@@ -305,7 +305,7 @@ def generator_update(nets, opt_g, b, cfg, accelerator):
     check_finite(loss_g=loss_g, **{dm_key: loss_dm}, loss_reg=loss_reg, loss_gan=loss_gan)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_g)
-        grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), cfg.grad_clip)
+        grad = accelerator.clip_grad_norm_(nets.net_g.trained_parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
     stats = {dm_key: loss_dm.item(), "loss_reg": loss_reg.item(), "loss_g": loss_g.item(), "w": w.mean().item(),
@@ -360,7 +360,7 @@ def fake_score_update(nets, opt_fake, x, b, cfg, accelerator):
     check_finite(loss_fake=loss_fake, **({"loss_disc": loss_disc} if cfg.gan_weight > 0 else {}))
     with record_function("µfake backward + AdamW"):
         accelerator.backward(loss)
-        grad = accelerator.clip_grad_norm_(nets.mu_fake_ddp.parameters(), cfg.grad_clip)
+        grad = accelerator.clip_grad_norm_(nets.mu_fake.trained_parameters(), cfg.grad_clip)
         opt_fake.step()
         opt_fake.zero_grad(set_to_none=True)
     stats = dict(loss_fake=loss_fake.item(), grad_fake=grad.item())
@@ -394,7 +394,7 @@ def regression_update(nets, opt_g, b, cfg, accelerator):
     check_finite(loss_reg=loss_reg)
     with record_function("netG backward + AdamW"):
         accelerator.backward(loss_reg)
-        grad = accelerator.clip_grad_norm_(nets.net_g_ddp.parameters(), cfg.grad_clip)
+        grad = accelerator.clip_grad_norm_(nets.net_g.trained_parameters(), cfg.grad_clip)
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
     return dict(loss_reg=loss_reg.item() / cfg.reg_weight, grad_g=grad.item())

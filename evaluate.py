@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from cli import UserError, keep_freed_memory, number, parse, run, script_parser
-from data import load_splits, to_uint8
+from data import class_names_of_data, load_splits, prompt_classes, read_prompts, to_uint8
 from files import CLASSIFIER, DMD, EVAL, PAIRS, PIPELINE, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic, load_json, write_json
 from metrics import (Reference, class_accuracy, extract, feature_extractor, high_frequency_share, is_teacher_ddim,
                      scores, train_classifier)
@@ -70,6 +70,10 @@ def main():
                    help="auto: Inception if its weights load, else the trained classifier")
     p.add_argument("--inception-weights", default=None, help="local torch-fidelity Inception weights file (no download needed)")
     p.add_argument("--data-dir", default=None, help="dataset folder, as for train_teacher.py")
+    p.add_argument("--prompts", default=None,
+                   help="a text-to-image teacher: the prompts every row is made for, one a line, sample i for prompt "
+                        "i %% their number (held out from distillation: write_captions.py's eval_prompts.txt); class "
+                        "accuracy scores each image against the data's class its prompt names")
     p.add_argument("--num-reference", type=number(int, 0), default=10000, help="at most this many real reference images")
     p.add_argument("--classifier-epochs", type=number(int, 0), default=8, help="epochs to train the feature classifier")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -82,8 +86,9 @@ def main():
         raise UserError("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
     out = os.path.join(args.run_dir, EVAL)
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
-    teacher_den, _ = open_teacher(teacher, args.dataset, 1.0, args.device)  # what it makes: shape, classes, T
-    num_classes = teacher_den.num_classes
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    teacher_den, _ = open_teacher(teacher, args.dataset, 1.0, args.device, prompts)  # what it makes: shape, classes, T
+    num_classes = teacher_den.num_classes  # the labels its samples are made for: classes, or prompts
     pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")
     pairs = load_json(pairs_meta) if os.path.exists(pairs_meta) else {}
     distilled = load_json(dmd_config) if os.path.exists(dmd_config) else {}
@@ -100,12 +105,16 @@ def main():
     rows_to_run = select_rows(all_rows(args, teacher, pairs, s, guidances, teacher_den), args.rows)  # before any work
 
     # --- reference images, the feature classifier, the extractor
-    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.image_shape, num_classes)
+    real_train, real_test, what = load_splits(args.dataset, args.data_dir, True, teacher_den.image_shape,
+                                              None if prompts else num_classes)
+    # the classifier's classes are the data's; a text-to-image teacher's samples are scored against their prompt's
+    data_classes = len(class_names_of_data(args.dataset, real_train)) if prompts else num_classes
+    label_classes = prompt_classes(prompts, class_names_of_data(args.dataset, real_train)) if prompts else None
     n_ref = min(len(real_test), args.num_reference)
     reference = f"{args.dataset} {what} (first {n_ref})"
     clf_dir = os.path.join(args.run_dir, CLASSIFIER)
-    clf = (train_classifier(real_train, real_test, clf_dir, num_classes, args.seed or 0, args.classifier_epochs, args.dataset)
-           if num_classes or args.feature_extractor != "inception" else None)
+    clf = (train_classifier(real_train, real_test, clf_dir, data_classes, args.seed or 0, args.classifier_epochs,
+                            args.dataset) if data_classes or args.feature_extractor != "inception" else None)
     if args.prepare:
         return
     fe, layer, label, rgb = feature_extractor(args.feature_extractor, clf_dir, args.inception_weights, args.device)
@@ -118,7 +127,8 @@ def main():
                  repeats=R, evaluation_seeds=seeds, batch_size=args.batch_size, device=describe_device(args.device),
                  classifier_hash=weights_hash(clf_dir) if os.path.isdir(clf_dir) else None,
                  reference_hash=hashlib.sha256(to_uint8(x_ref).numpy().tobytes()).hexdigest()[:16],
-                 real_images=len(real_train))  # the data itself: another source under the same names is not reused
+                 real_images=len(real_train),  # the data itself: another source under the same names is not reused
+                 prompts=prompts)  # a text-to-image teacher's rows are made for these prompts
     reused = {} if args.rescore else reusable_rows(os.path.join(out, "report.json"), setup)
     asked = {spec.name for spec in rows_to_run if is_teacher_ddim(spec.name)}  # the grid's teacher rows
     if asked:  # and every teacher row scored before on this setup (past the grid too): a rerun keeps the best row
@@ -138,7 +148,7 @@ def main():
         per_repeat, seconds = [], []
         den = teacher_den if spec.source == teacher else None  # the teacher rows share the model loaded above
         if spec.source is not None and den is None:
-            den, _ = open_teacher(spec.source, args.dataset, 1.0, args.device)
+            den, _ = open_teacher(spec.source, args.dataset, 1.0, args.device, prompts)
 
         def images_of(indices):  # (images, labels or None, seconds per batch) of sample indices
             if den is None:  # real training images
@@ -154,7 +164,8 @@ def main():
             images, labels, sec = images_of(range(r * N, (r + 1) * N))
             seconds += sec[1:] or sec
             m = scores(extract(fe, layer, images, rgb, args.device), ref)
-            m["class_accuracy"] = class_accuracy(clf, images, labels) if labels is not None and clf is not None else None
+            m["class_accuracy"] = (class_accuracy(clf, images, labels, label_classes) if labels is not None and clf is not None
+                                   else None)
             m["hf_share"] = high_frequency_share(images.clamp(-1, 1))
             per_repeat.append(m)
             if r == 0:
@@ -184,7 +195,8 @@ def main():
                   setup=setup, reused_rows=[r["model"] for r in rows if r is reused.get(r["model"])], yardstick=yardstick)
     add_gap_closed(report)
     md = markdown(report)
-    write_report(out, report, md, [grid[r["model"]] for r in rows], class_names_of(args.dataset, real_train, num_classes))
+    columns = prompts or class_names_of(args.dataset, real_train, num_classes)  # what each grid column was made for
+    write_report(out, report, md, [grid[r["model"]] for r in rows], columns[:grid_columns(num_classes)])
     pipeline = os.path.join(args.run_dir, DMD, PIPELINE)
     summary = os.path.join(args.run_dir, DMD, "summary.json")  # absent while a resumed run has not finished
     if os.path.isdir(pipeline) and distilled and os.path.exists(summary):  # the exported student's card gets the numbers
@@ -405,12 +417,11 @@ def write_report(out, report, md, grid, class_names):
 
 
 def class_names_of(dataset, real_train, num_classes):
-    """The grid's column titles where its columns are the classes: the preset's class names, an image folder's class
-    subfolders, else the class numbers; none for an unconditional teacher (its columns are seeds)."""
+    """The grid's column titles where its columns are the classes (data.class_names_of_data); none for an
+    unconditional teacher (its columns are seeds)."""
     if not 0 < num_classes == grid_columns(num_classes):
         return []
-    folder = getattr(real_train, "dataset", real_train)  # load_splits' Subset of an image folder
-    return list(PRESETS[dataset].get("class_names") or getattr(folder, "classes", None) or map(str, range(num_classes)))
+    return class_names_of_data(dataset, real_train)
 
 
 def add_gap_closed(report):

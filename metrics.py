@@ -176,8 +176,14 @@ def extract(fe, layer, images, rgb, device="cpu"):
 
 
 @torch.no_grad()
-def class_accuracy(clf, images, labels):
-    """The fraction of images that the classifier assigns to the class they were generated for."""
+def class_accuracy(clf, images, labels, label_classes=None):
+    """The fraction of images that the classifier assigns to the class they were generated for: their label, or for a
+    text-to-image teacher the class of their prompt (`label_classes[label]`; prompts of no class are left out)."""
+    if label_classes is not None:
+        classes = torch.as_tensor(label_classes)[labels.cpu()]
+        images, labels = images[classes >= 0], classes[classes >= 0]
+        if not len(labels):
+            return None
     logits = torch.cat([clf(to_unit(to_uint8(x)))[1] for x in images.split(500)])  # as saved: clipped, quantised
     return (logits.argmax(1) == labels).float().mean().item()
 
@@ -268,13 +274,14 @@ def required_best_teacher_row(run_dir, teacher_hash, flag, otherwise):
     return best
 
 
-def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode=None):
+def make_probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode=None,
+               label_classes=None):
     """A Probe, or None where `evaluate.py --prepare` has not made the classifier yet."""
     if not os.path.isfile(os.path.join(classifier_dir, "config.json")):
         print(f"notice: no {classifier_dir}; quality probe off (make it with `python evaluate.py --prepare`)",
               file=sys.stderr)
         return None
-    return Probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode)
+    return Probe(classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode, label_classes)
 
 
 class Probe:
@@ -284,9 +291,11 @@ class Probe:
     features, the way evaluate.py computes them: a collapse shows in recall before FID. With `set_gap_reference`, also the share of the gap
     between the teacher's best evaluated row and the real floor that the generator closes, all three measured here,
     on the probe's seeds and sample count (an FID's level depends on the sample count: the evaluation's numbers are not
-    on this scale). `decode`: a latent teacher's latents -> images (Denoiser.decode); None for pixels."""
+    on this scale). `decode`: a latent teacher's latents -> images (Denoiser.decode); None for pixels.
+    `label_classes`: a text-to-image teacher's class of each label (prompt), -1 for none (data.prompt_classes)."""
 
-    def __init__(self, classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode=None):
+    def __init__(self, classifier_dir, real, num_samples, seed, shape, num_classes, timesteps, device, decode=None,
+                 label_classes=None):
         self.fe, self.layer, _, _ = feature_extractor("classifier", classifier_dir, device=device)
         self.clf = Classifier.from_pretrained(classifier_dir).eval()
         self.device, self.timesteps, self.num_samples = device, timesteps, num_samples
@@ -298,6 +307,7 @@ class Probe:
         self.y = balanced_labels(range(num_samples), num_classes)
         self.gap_reference = None
         self.decode = decode or (lambda x: x)
+        self.label_classes = label_classes
 
     def fid(self, x, features=None):
         f = extract(self.fe, self.layer, x, False, self.device) if features is None else features
@@ -339,5 +349,5 @@ class Probe:
             teacher, real = self.gap_reference["probe_fid"], self.gap_reference["real_probe_fid"]
             row["probe_gap"] = (teacher - row["probe_fid"]) / (teacher - real) if teacher > real else None
         if self.y is not None:
-            row["probe_acc"] = class_accuracy(self.clf, x, self.y)
+            row["probe_acc"] = class_accuracy(self.clf, x, self.y, self.label_classes)
         return row

@@ -7,10 +7,12 @@ from which netG / µreal / µfake are made as copies of µbase.
 """
 import copy
 import math
+import os
 
 import torch
 import torch.nn as nn
-from diffusers import DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import (DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel,
+                       UNet2DModel)
 from einops import rearrange
 from einops.layers.torch import Rearrange
 
@@ -82,7 +84,7 @@ CELEBA_UNET = dict(sample_size=64, in_channels=3, out_channels=3, layers_per_blo
 
 
 def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shape=None, num_classes=0, null_class=True,
-                 schedule="ddpm", backbone=None, shift=1.0, clip_sample=True):
+                 schedule="ddpm", backbone=None, shift=1.0, clip_sample=True, cross_attention_dim=None):
     """A fresh (untrained) backbone and its scheduler.
     backbone: "contextunet" (MNIST's and Fashion-MNIST's, 28x28), "unet" (UNet2DModel: CIFAR-10's and CelebA's
     configs, or a small one sized to `shape`), "dit" (a small DiTTransformer2DModel for `shape`); default the
@@ -92,12 +94,16 @@ def make_teacher(dataset, prediction_type="epsilon", n_feat=128, unet=None, shap
     num_classes + 1 embeddings; `null_class=False`, a teacher trained without label dropout, leaves it out, as it
     would stay untrained and guidance would use it; ContextUnet and DiT always have theirs).
     schedule: "ddpm" (linear β, `prediction_type`, x̂0 clipped to [-1, 1] when `clip_sample`: pixels, not latents)
-    or "flow" (FlowMatchEulerDiscreteScheduler with `shift`; the network predicts the velocity)."""
+    or "flow" (FlowMatchEulerDiscreteScheduler with `shift`; the network predicts the velocity).
+    cross_attention_dim: a text-to-image teacher, a small UNet2DConditionModel (SD's UNet) attending to text
+    embeddings of that width; its prompts are its classes, set on its TextEncoder."""
     spec = PRESETS[dataset]
     T, beta_end = spec["T"] or 1000, spec.get("beta_end", 0.02)
     shape, num_classes = tuple(shape or spec["shape"]), spec["num_classes"] or num_classes
     backbone = backbone or ("contextunet" if dataset in ("mnist", "fashion-mnist") and shape == spec["shape"] else "unet")
-    if backbone == "contextunet":
+    if cross_attention_dim:
+        net = UNet2DConditionModel(**{**small_text_unet(shape, cross_attention_dim), **(unet or {})})
+    elif backbone == "contextunet":
         if shape != (1, 28, 28):
             raise UserError(f"the ContextUnet makes 1x28x28 images, not {'x'.join(map(str, shape))}: use --backbone "
                             f"unet or dit")
@@ -127,6 +133,15 @@ def small_unet(shape, num_class_embeds=None):
     return dict(CELEBA_UNET, sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0],
                 block_out_channels=CELEBA_UNET["block_out_channels"][:levels], num_class_embeds=num_class_embeds,
                 down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels)
+
+
+def small_text_unet(shape, cross_attention_dim):
+    """A small UNet2DConditionModel config (SD's UNet, scaled down: two levels of 32 and 64 channels, cross-attention
+    to the text on the first level and in the middle) for latents of `shape`."""
+    return dict(sample_size=shape[-1], in_channels=shape[0], out_channels=shape[0], layers_per_block=2,
+                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                attention_head_dim=8, norm_num_groups=8)
 
 
 def small_dit(shape, num_classes):
@@ -163,7 +178,8 @@ def image_shape(backbone):
     return backbone.config.in_channels, h, w
 
 
-BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel,
+             "UNet2DConditionModel": UNet2DConditionModel}
 
 
 def count_params(model):
@@ -199,13 +215,79 @@ class Autoencoder:
         return self.vae.config.out_channels, h * self.factor, w * self.factor
 
 
+class TextEncoder:
+    """A text-to-image teacher's frozen text encoder (a transformers CLIPTextModel and its tokenizer, as in an SD
+    pipeline folder) and the table of prompts its denoiser is read with. Prompts are the labels y of text-conditioned
+    networks: `set_prompts` encodes each prompt once (SD's way: padded to the tokenizer's max length, the last hidden
+    state), and label y means the embedding embeds[y]; the empty prompt, the last row, is guidance's unconditional
+    model (SD's negative prompt ""). Not a submodule of any network, like Autoencoder."""
+
+    def __init__(self, tokenizer, text_model):
+        self.tokenizer, self.model = tokenizer, text_model.eval().requires_grad_(False)
+        self.prompts, self.num_prompts, self.embeds = [], 0, None
+
+    def to(self, device):
+        self.model.to(device)
+        if self.embeds is not None:
+            self.embeds = self.embeds.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts):
+        """(N, L, D) embeddings of N texts, as StableDiffusionPipeline.encode_prompt makes them."""
+        device = self.model.device
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        return torch.cat([self.model(part)[0] for part in ids.split(256)])
+
+    def set_prompts(self, prompts, extra=()):
+        """The labels: 0..P-1 the prompts a generator is asked for, then `extra` texts (real images' captions, which
+        only the GAN head's real inputs use), then the empty prompt. Returns the label of each extra text."""
+        texts = list(dict.fromkeys([*prompts, *[t for t in extra if t not in prompts]]))
+        self.prompts, self.num_prompts = texts, len(dict.fromkeys(prompts))
+        self.embeds = self.encode(texts + [""])
+        index = {text: i for i, text in enumerate(texts)}
+        return [index[t] for t in extra]
+
+    @property
+    def null_label(self):
+        return len(self.prompts)
+
+
+def make_text_encoder(texts, width=64, layers=2, seed=0):
+    """A small CLIP text encoder (transformers' CLIPTextModel, random weights, frozen: it only has to tell prompts
+    apart) and a character-level CLIPTokenizer for `texts`: every character they use is a token, no merges. For a
+    text-to-image teacher trained here, where SD's encoder cannot be downloaded; saved and loaded as SD's are."""
+    import json
+    import tempfile
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    chars = sorted({c for text in texts for c in text.lower() if not c.isspace()})
+    vocab = {token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>",
+                                                  "<|endoftext|>"])}
+    length = max(len(text) for text in texts) + 2  # characters and the two special tokens
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                                  model_max_length=length)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                                             num_hidden_layers=layers, num_attention_heads=max(1, width // 32),
+                                             max_position_embeddings=length, bos_token_id=vocab["<|startoftext|>"],
+                                             eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+    return tokenizer, model
+
+
 class Denoiser(nn.Module):
     """Wraps a backbone and its schedule (schedules.py: DDPM or flow matching, from the teacher's scheduler).
     `x0(x_t, t, y, s)` is the teacher's estimate of the clean image (of the latents, for a latent teacher, whose VAE
     `vae` holds: `decode` gives the images). µfake also carries DMD2's GAN head (`head`), so that one optimiser and
     one data-parallel wrapper hold both."""
 
-    def __init__(self, backbone, scheduler, vae=None, head=None, head_input="bottleneck"):
+    def __init__(self, backbone, scheduler, vae=None, text=None, head=None, head_input="bottleneck", adapter=None):
         super().__init__()
         if isinstance(backbone, ContextUnet):  # (in place) its calls took 0.63-0.88x the time on CPU with channels-last
             backbone.to(memory_format=torch.channels_last)  # weights (oneDNN; measured on CPU only, docs/RESULTS.md);
@@ -214,9 +296,25 @@ class Denoiser(nn.Module):
         self.schedule = make_schedule(scheduler)
         self.prediction_type, self.T = self.schedule.prediction_type, self.schedule.T
         self.vae = vae if vae is None or isinstance(vae, Autoencoder) else Autoencoder(vae)
-        self.num_classes, self.null_label = class_labels_of(backbone)
+        self.text = text  # a text-to-image teacher's TextEncoder: its prompts are the labels
+        self.labels = class_labels_of(backbone)
+        # a base shared with LoRA adapters (make_dmd_networks' lora_rank): this network's adapter, None = the base alone
+        self.adapter, self.lora_layers = adapter, []
+        if getattr(backbone, "peft_config", None):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            self.lora_layers = [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
         self.shape = image_shape(backbone)  # what the backbone makes: images, or a latent teacher's latents
         self.image_shape = self.vae.image_shape(self.shape) if self.vae else self.shape
+
+    @property
+    def num_classes(self):
+        """The labels a generator is asked for: classes, or a text-to-image teacher's prompts (TextEncoder's table)."""
+        return self.text.num_prompts if self.text is not None else self.labels[0]
+
+    @property
+    def null_label(self):
+        """The unconditional label of classifier-free guidance (the empty prompt), or None."""
+        return self.text.null_label if self.text is not None else self.labels[1]
 
     def forward(self, x_t, t, y=None, realism=False, for_x0=False, features=None):
         """The backbone's raw output (ε, v, x0 or the flow velocity, by the schedule); y = None or the null label =
@@ -246,6 +344,12 @@ class Denoiser(nn.Module):
         """The backbone's output, as it comes (a DiT's learned-σ half, where it has one, split off), at the network
         timestep of t (flow: σ_t T)."""
         t = self.schedule.model_timestep(self.schedule.expand(t, x_t))
+        for layer in self.lora_layers:  # this network's adapter on the shared base (peft's set_adapter would also
+            layer._disable_adapters = self.adapter is None  # flip requires_grad, cutting netG's gradient through µfake)
+            layer._active_adapter = [self.adapter] if self.adapter else layer._active_adapter
+        if self.text is not None:  # y: the prompts' labels, None = the empty prompt
+            y = torch.full((len(x_t),), self.null_label, device=x_t.device) if y is None else y
+            return self.backbone(x_t, t, encoder_hidden_states=self.text.embeds[y]).sample
         if isinstance(self.backbone, DiTTransformer2DModel):  # always class-conditional: label 0 for the one class
             y = y if self.num_classes else torch.zeros(len(x_t), dtype=torch.long, device=x_t.device)
             return self.backbone(x_t, t, class_labels=y).sample[:, :x_t.shape[1]]
@@ -281,6 +385,30 @@ class Denoiser(nn.Module):
             return rearrange(captured[0], "b (h w) c -> b c h w", h=side)
         return captured[0]
 
+    def trained_parameters(self):
+        """What this network's optimiser updates: every parameter, or on a shared base its adapter's (and its head)."""
+        if not self.adapter:
+            return list(self.parameters())
+        return [p for name, p in self.named_parameters() if f".{self.adapter}." in name or name.startswith("head.")]
+
+    def trained_state_dict(self):
+        """The backbone weights a training state keeps: all of them, or on a shared base only this adapter's."""
+        state = self.backbone.state_dict()
+        return {k: v for k, v in state.items() if f".{self.adapter}." in k} if self.adapter else state
+
+    def load_trained_state_dict(self, state):
+        self.backbone.load_state_dict(state, strict=not self.adapter)
+
+    def standalone(self):
+        """The backbone as a student folder and pipeline keep it: itself, or a copy of the shared base with this
+        network's adapter fused into its weights (diffusers' fuse_lora) and the adapters removed."""
+        if not self.adapter:
+            return self.backbone
+        copy_ = copy.deepcopy(self.backbone)
+        copy_.fuse_lora(adapter_names=[self.adapter])
+        copy_.unload_lora()
+        return copy_.eval()
+
     def guided(self, x_t, t, y=None, s=1.0):
         """Classifier-free guidance on the raw output, out_u + s (out_c - out_u); s = 1 means none. s is a number or a
         (B,) tensor, one scale per sample. x̂0 is affine in the output for fixed (x_t, t): the same as guiding x̂0."""
@@ -313,28 +441,63 @@ class Denoiser(nn.Module):
         return self.vae.decode(x) if self.vae else x
 
     def to(self, *args, **kwargs):
-        """Also moves the VAE (kept out of the module tree) to the device asked for, if any."""
+        """Also moves the VAE and the text encoder (kept out of the module tree) to the device asked for, if any."""
         device = torch._C._nn._parse_to(*args, **kwargs)[0]  # how nn.Module.to reads its arguments
-        if self.vae is not None and device is not None:
-            self.vae.to(device)
+        for frozen_part in (self.vae, self.text):
+            if frozen_part is not None and device is not None:
+                frozen_part.to(device)
         return super().to(*args, **kwargs)
 
 
-def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="bottleneck", vae=None):
+def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="bottleneck", vae=None, text=None,
+                      lora_rank=0):
     """netG, µreal, µfake: three copies of µbase (µfake with DMD2's GAN head when `gan_head`, its initial weights
     drawn from `seed`, so runs repeat and every process starts alike; `head_input`: Denoiser.bottleneck), sharing a
-    latent teacher's frozen `vae`. µreal is frozen; all three run in eval mode (dropout off, BatchNorm on running
-    statistics) so an image never depends on its batch."""
-    net_g = Denoiser(copy.deepcopy(backbone), scheduler, vae).eval().requires_grad_(True)
+    latent teacher's frozen `vae` and a text-to-image teacher's `text` encoder and prompts. µreal is frozen; all three
+    run in eval mode (dropout off, BatchNorm on running statistics) so an image never depends on its batch.
+    lora_rank > 0: no copies. The three share µbase itself, frozen, and netG and µfake are each a LoRA adapter on it
+    (peft, `add_lora`): one base in memory instead of three, and two small sets of trained weights."""
     head = None
     if gan_head:
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
             torch.manual_seed(seed)
             channels, num_classes = bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0]
             head = (LevelHeads if isinstance(channels, tuple) else DiscriminatorHead)(channels, num_classes)
-    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, vae, head, head_input).eval().requires_grad_(True)
-    mu_real = Denoiser(backbone, scheduler, vae, head_input=head_input).eval().requires_grad_(False)  # its features: µfake's kind
+    if lora_rank:
+        add_lora(backbone, lora_rank, ("generator", "fake"))
+        return (Denoiser(backbone, scheduler, vae, text, adapter="generator").eval(),
+                Denoiser(backbone, scheduler, vae, text, head_input=head_input).eval(),
+                Denoiser(backbone, scheduler, vae, text, head, head_input, adapter="fake").eval())
+    net_g = Denoiser(copy.deepcopy(backbone), scheduler, vae, text).eval().requires_grad_(True)
+    mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, vae, text, head, head_input).eval().requires_grad_(True)
+    mu_real = Denoiser(backbone, scheduler, vae, text, head_input=head_input).eval().requires_grad_(False)  # µfake's kind of features
     return net_g, mu_real, mu_fake
+
+
+# LoRA's layers on a diffusers UNet: attention's projections and feed-forward, the resnets' convolutions and time
+# projections (the set DMD2's SDXL LoRA adapts), those of them a given network has
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                "conv_shortcut", "time_emb_proj")
+
+
+def add_lora(backbone, rank, names):
+    """A LoRA adapter of `rank` per name on `backbone` (peft, through diffusers' add_adapter; B = 0 at start, so each
+    adapted network starts as the base), the base frozen and the adapters trained. One line where peft cannot wrap
+    the backbone."""
+    from peft import LoraConfig
+    targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name, _ in backbone.named_modules())]
+    backbone.requires_grad_(False)
+    try:
+        if not targets or not hasattr(backbone, "add_adapter"):
+            raise ValueError("no layer named like a diffusers UNet's")
+        for name in names:
+            backbone.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True),
+                                 adapter_name=name)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"--lora-rank: peft cannot put LoRA on this {type(backbone).__name__} ({str(e).splitlines()[0][:100]}): "
+                        f"use a diffusers UNet (UNet2DModel, UNet2DConditionModel), or drop --lora-rank")
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(any(f".{adapter}." in name for adapter in names))
 
 
 def check_guidance(den, s, source):

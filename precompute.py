@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
-from data import PAIR_SETTINGS, save_grid, shard_ok, shard_path, shard_size
+from data import PAIR_SETTINGS, read_prompts, save_grid, shard_ok, shard_path, shard_size
 from files import PAIRS, atomic, load_json, write_json
 from checkpoints import default_teacher, open_teacher, weights_hash
 from metrics import required_best_teacher_row
@@ -45,6 +45,7 @@ def main():
                    help="K > 1: also keep the DDIM state x_t at the K-step generator's timesteps t_1..t_{K-1} (they must "
                         "lie on the sampler's grid: K divides the teacher's T, DDIM steps a multiple of K), the K-step "
                         "warm start's inputs (distill.py --reg-step-inputs teacher)")
+    p.add_argument("--prompts", default=None, help="a text-to-image teacher: the prompts, one a line; pair i is made for prompt i %% their number")
     p.add_argument("--batch-size", type=number(int, 0), default=64, help="pairs per forward pass (does not change the pairs)")
     p.add_argument("--shard-size", type=number(int, 0), default=512, help="pairs per shard file (the unit of resumption)")
     p.add_argument("--max-shards", type=number(int, 0), default=None, help="make at most N shards in this call (e.g. to fit a job time limit); rerun to continue")
@@ -69,7 +70,8 @@ def main():
               f"guidance {args.guidance:g}")
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
-    den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device, prompts)
     state_ts = generator_timesteps(den.T, args.generator_steps)[1:]  # none for K = 1
     grid = den.schedule.sampling_timesteps(args.sampling_steps)
     if not set(state_ts) <= set(grid):
@@ -86,12 +88,14 @@ def main():
                 labels="i % num_classes" if den.num_classes else None, num_classes=den.num_classes)
     if args.guidance_t_max < 1:
         meta["guidance_t_max"] = args.guidance_t_max
+    if prompts:
+        meta["prompts"] = prompts  # the labels are the prompts' indices
     if state_ts:
         meta["state_timesteps"] = state_ts
     meta_path = os.path.join(out, "meta.json")
     if os.path.exists(meta_path):
         old = load_json(meta_path)
-        settings = PAIR_SETTINGS + ("num_pairs", "shard_size", "guidance_t_max", "state_timesteps")
+        settings = PAIR_SETTINGS + ("num_pairs", "shard_size", "guidance_t_max", "state_timesteps", "prompts")
         diff = [k for k in settings if old.get(k) != meta.get(k)]
         if diff and not args.overwrite:
             raise UserError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)} vs {meta.get(k)}' for k in diff)}): "

@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 
 from cli import UserError, number, parse, run, script_parser
-from data import save_grid, to_uint8
+from data import read_prompts, save_grid, to_uint8
 from files import DMD, STUDENT, STUDENT_BEST, STUDENT_EMA, atomic
 from checkpoints import default_teacher, open_teacher, student_timesteps
 from recipes import PRESETS, grid_columns
@@ -33,11 +33,13 @@ def main():
     p.add_argument("--sampling-steps", type=number(int, 0), default=25, help="DDIM steps for --model teacher")
     p.add_argument("--full-ddpm", action="store_true", help="ancestral DDPM over all T steps instead of DDIM (slow)")
     p.add_argument("--guidance", type=number(float, 0, inclusive=True), default=None, help="guidance scale for the multi-step teacher (class-conditional only); default recipes.default_guidance")
+    p.add_argument("--prompts", default=None, help="a text-to-image teacher or student: the prompts, one a line; image i for prompt i %% their number")
     p.add_argument("--out", default=None, help="folder for samples.npz and the grid PNG; default: the grid only, in <run-dir>/samples/")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parse(p)
     source = model_source(args)
-    den, args.guidance = open_teacher(source, args.dataset, args.guidance, args.device)
+    den, args.guidance = open_teacher(source, args.dataset, args.guidance, args.device,
+                                      read_prompts(args.prompts) if args.prompts else None)
     timesteps = student_timesteps(source, den.T)  # [T-1] for the one-step teacher; a student's own K steps
 
     def sampler(noise, y, generator):

@@ -22,11 +22,11 @@ from diffusers.optimization import get_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from cli import UserError, keep_freed_memory, number, parse, progress, run, script_parser
-from data import encoded_dataset, load_dataset, save_grid
+from data import captioned, encoded_dataset, load_dataset, save_grid
 from files import LATENTS, STATE, TEACHER, check_run_folder, load_state, save_state, write_json
 from losses import denoising_loss
-from checkpoints import save_teacher, weights_hash
-from models import Autoencoder, Denoiser, make_teacher
+from checkpoints import load_text_encoder, save_teacher, weights_hash
+from models import Autoencoder, Denoiser, TextEncoder, make_teacher, make_text_encoder
 from recipes import PRESETS, default_guidance
 from sampling import sample_teacher
 
@@ -66,6 +66,10 @@ def main():
     p.add_argument("--vae", default=None,
                    help="a VAE folder (train_vae.py's <run-dir>/vae, or any AutoencoderKL): train a latent teacher on "
                         "its latents of the data; the teacher folder keeps it in vae/")
+    p.add_argument("--text-encoder", default=None,
+                   help="a text-to-image teacher (SD's shape: a UNet2DConditionModel on --vae latents) on the captions "
+                        "of --data-dir's metadata.jsonl (write_captions.py): `new` for a small CLIP text encoder and "
+                        "tokenizer made here for them, or a folder holding text_encoder/ and tokenizer/ (an SD pipeline)")
     p.add_argument("--backbone", default=None, choices=["contextunet", "unet", "dit"],
                    help="the denoiser: MNIST's ContextUnet (28x28 pixels), a UNet2DModel, or a DiTTransformer2DModel; "
                         "default the dataset's own, a small UNet2DModel for latents or your own images"),
@@ -104,6 +108,18 @@ def main():
     dataset = load_dataset(args.dataset, args.data_dir, verbose=accelerator.is_main_process, shape=shape)
     classes = getattr(dataset, "classes", None)
     vae = open_vae(args.vae, shape) if args.vae else None
+    text = None
+    if args.text_encoder:  # the captions are the labels: caption k = prompt k of the text encoder's table
+        if not vae:
+            raise UserError("--text-encoder makes an SD-shaped teacher, on latents: add --vae (train_vae.py's)")
+        if shape[-1] % 8:
+            raise UserError(f"--text-encoder: a StableDiffusionPipeline makes images of a multiple of 8 pixels, not "
+                            f"{shape[-1]}: pass --image-size {8 * (shape[-1] // 8 + 1)} (the images are resized)")
+        dataset, captions = captioned(dataset, args.data_dir)
+        text = (TextEncoder(*make_text_encoder(captions)) if args.text_encoder == "new" else
+                load_text_encoder(args.text_encoder)).to(accelerator.device)
+        text.set_prompts(captions)
+        classes = None
     if vae:  # a latent teacher learns the data's latents, encoded once (cached in <run-dir>/latents)
         cache = os.path.join(args.run_dir, LATENTS, f"{weights_hash(args.vae)}-{args.dataset}-{len(dataset)}.safetensors")
         if accelerator.is_main_process:
@@ -114,8 +130,9 @@ def main():
     torch.manual_seed(args.seed)  # the initial weights
     backbone, scheduler = make_teacher(args.dataset, args.prediction_type, args.n_feat, args.unet_config, shape,
                                        len(classes or []), null_class=args.label_dropout > 0, schedule=args.schedule,
-                                       backbone=args.backbone, shift=args.shift, clip_sample=vae is None)
-    model = Denoiser(backbone, scheduler, vae).to(accelerator.device)
+                                       backbone=args.backbone, shift=args.shift, clip_sample=vae is None,
+                                       cross_attention_dim=text and text.model.config.hidden_size)
+    model = Denoiser(backbone, scheduler, vae, text).to(accelerator.device)
     if isinstance(backbone, DiTTransformer2DModel):  # in train mode a DiT drops 10% of its labels itself, from the
         model.eval()  # global RNG; --label-dropout does that from this run's stream (a DiT has no dropout or BatchNorm)
     args.guidance = default_guidance(model.null_label is not None) if args.guidance is None else args.guidance
@@ -193,13 +210,13 @@ def main():
                 break
     bar.close()
     if ema:
-        refresh_batchnorm(Denoiser(ema.module, scheduler).to(accelerator.device).eval(), dataset, args)
+        refresh_batchnorm(Denoiser(ema.module, scheduler, vae, text).to(accelerator.device).eval(), dataset, args)
     if accelerator.is_main_process:
-        save_teacher(ema.module if ema else den.backbone, scheduler, out, vae and vae.vae)
+        save_teacher(ema.module if ema else den.backbone, scheduler, out, vae and vae.vae, text)
         write_json(dict(config, steps_done=step, wall_minutes=(time.time() - t0) / 60), os.path.join(out, "train_config.json"))
-        den = Denoiser(ema.module if ema else den.backbone, scheduler, vae).eval()
+        den = Denoiser(ema.module if ema else den.backbone, scheduler, vae, text).eval()
         n_classes = den.num_classes
-        rows = n_classes or 8
+        rows = min(n_classes, 10) or 8  # a row per class (the first 10 prompts of a text-to-image teacher)
         g = torch.Generator().manual_seed(args.seed)
         z = torch.randn((rows * 8, *shape), generator=g).to(accelerator.device)
         y = torch.arange(rows, device=z.device).repeat_interleave(8) if n_classes else None

@@ -107,7 +107,7 @@ def test_student_pipeline_matches_sample_py(custom, tmp_path, K):
 
 def export_student(teacher, folder):
     """The one-step teacher exported as distill.py exports a student: dmd/student/ and dmd/pipeline/ with its card."""
-    backbone, scheduler, _ = load_teacher(str(teacher))
+    backbone, scheduler, _, _ = load_teacher(str(teacher))
     T = scheduler.config.num_train_timesteps
     save_student(backbone, scheduler, str(folder / "student"), [T - 1])
     config = dict(generator_timesteps=[T - 1], num_classes=class_labels_of(backbone)[0], reg_weight=0, T=T,

@@ -56,7 +56,7 @@ def test_save_from_pretrained_round_trip(tmp_path, dataset):
     backbone, scheduler = make_teacher(dataset, "v_prediction", n_feat=TINY_N_FEAT, unet=TINY_UNET)
     backbone.eval()
     save_teacher(backbone, scheduler, str(tmp_path / "t"))
-    loaded, loaded_sched, _ = load_teacher(str(tmp_path / "t"))
+    loaded, loaded_sched, _, _ = load_teacher(str(tmp_path / "t"))
     assert type(loaded) is type(backbone) and loaded_sched.config.prediction_type == "v_prediction"
     x, t = torch.randn(3, *PRESETS[dataset]["shape"]), torch.tensor([0, 100, 399])
     y = torch.tensor([0, 5, 10]) if dataset == "mnist" else None
@@ -82,7 +82,7 @@ def test_contextunet_runs_channels_last_with_the_same_outputs_and_weights(tmp_pa
     for (name, p), q in zip(den.backbone.named_parameters(), reference.parameters()):  # gradient of rounding noise)
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5 * scale, msg=name)  # every layer, ConvTranspose too
     save_teacher(den.backbone, scheduler, str(tmp_path / "t"))
-    loaded, _, _ = load_teacher(str(tmp_path / "t"))
+    loaded, _, _, _ = load_teacher(str(tmp_path / "t"))
     saved, kept = loaded.state_dict(), den.backbone.state_dict()
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), reference.parameters()))  # no step was taken

@@ -35,7 +35,7 @@ def test_two_step_training_writes_a_loadable_teacher(tmp_path, dataset):
     cfg = read_json(out / "train_config.json")
     assert cfg["steps_done"] == 2 and cfg["dataset"] == dataset
     # loadable: the loader every other script uses gives back the trained weights (the last checkpoint's) and schedule
-    backbone, scheduler, _ = load_teacher(str(out))
+    backbone, scheduler, _, _ = load_teacher(str(out))
     trained = torch.load(out / "train_state.pt", weights_only=True)["model"]
     loaded = backbone.state_dict()
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in loaded)

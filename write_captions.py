@@ -1,0 +1,69 @@
+"""Write an image-caption folder from a class-labelled dataset: the data of a text-to-image teacher, in the convention
+of diffusers' training scripts and datasets' imagefolder (images, plus metadata.jsonl with file_name and text).
+
+    python write_captions.py --dataset fashion-mnist --out runs/fashion-mnist-text/captions
+
+Image i of the training split is <out>/<class>/<i>.png, captioned with template i % (number of templates) filled with
+its class name ("a photo of a sandal"). Also writes prompts.txt, every caption once (the prompts to distill for:
+distill.py --prompts), and eval_prompts.txt, the classes in --eval-templates, which no caption uses (the yardstick's
+held-out prompts: evaluate.py --prompts).
+"""
+import json
+import os
+import shutil
+
+from PIL import Image
+
+from cli import UserError, parse, progress, run, script_parser
+from data import load_dataset, to_uint8
+from recipes import PRESETS
+
+
+def main():
+    p = script_parser(__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default=None, help="dataset folder, as for train_teacher.py")
+    p.add_argument("--out", required=True, help="the folder to write (refused where it exists, unless --overwrite)")
+    p.add_argument("--templates", nargs="+", default=["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}"],
+                   help="captions, {} = the class name; image i gets template i %% their number")
+    p.add_argument("--eval-templates", nargs="+", default=["a good photo of a {}"],
+                   help="held-out prompts for evaluation: templates no caption uses")
+    p.add_argument("--overwrite", action="store_true", help="replace --out")
+    args = parse(p)
+    names = PRESETS[args.dataset].get("class_names") or (
+        [str(i) for i in range(PRESETS[args.dataset]["num_classes"])] if PRESETS[args.dataset]["num_classes"] else None)
+    if not names:
+        raise UserError(f"{args.dataset} has no classes to caption: pass a class-labelled --dataset (mnist, fashion-mnist)")
+    for template in args.templates + args.eval_templates:
+        if template.count("{}") != 1:
+            raise UserError(f"template {template!r} needs one {{}} for the class name, e.g. 'a photo of a {{}}'")
+    if set(args.templates) & set(args.eval_templates):
+        raise UserError("--eval-templates must differ from --templates: they are the held-out prompts")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"{args.out} exists: pass --overwrite to replace it, or another --out")
+    images = load_dataset(args.dataset, args.data_dir)
+    folders = [name.replace("/", "-") for name in names]  # a class name may hold a path separator (T-shirt/top)
+    stage = args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    for folder in folders:
+        os.makedirs(os.path.join(stage, folder))
+    rows = []
+    for i in progress(range(len(images)), desc="captions"):
+        x, y = images[i]
+        file_name = f"{folders[int(y)]}/{i:06d}.png"
+        u8 = to_uint8(x).permute(1, 2, 0).squeeze(-1).numpy()
+        Image.fromarray(u8).save(os.path.join(stage, file_name))
+        rows.append(dict(file_name=file_name, text=args.templates[i % len(args.templates)].format(names[int(y)].lower())))
+    with open(os.path.join(stage, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    for name, templates in (("prompts.txt", args.templates), ("eval_prompts.txt", args.eval_templates)):
+        with open(os.path.join(stage, name), "w", encoding="utf-8") as f:
+            f.writelines(t.format(n.lower()) + "\n" for t in templates for n in names)
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(stage, args.out)
+    print(f"captions: {len(rows)} images of {len(names)} classes in {args.out} (metadata.jsonl), "
+          f"{len(args.templates) * len(names)} prompts in prompts.txt, {len(args.eval_templates) * len(names)} held-out "
+          f"in eval_prompts.txt")
+
+
+if __name__ == "__main__":
+    run(main)
