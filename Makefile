@@ -68,7 +68,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import torch, torchvision, diffusers, torch_fidelity, lpips, accelerate, mlxtend, pytest, pytest_benchmark"
+	$(PY) -c "import torch, torchvision, diffusers, transformers, peft, torch_fidelity, lpips, accelerate, mlxtend, pytest, pytest_benchmark"
 	touch $@
 
 demo: $(RUN)/eval/report.md
