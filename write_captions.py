@@ -2,6 +2,7 @@
 of diffusers' training scripts and datasets' imagefolder (images, plus metadata.jsonl with file_name and text).
 
     python write_captions.py --dataset fashion-mnist --out runs/fashion-mnist-text/captions
+    python write_captions.py --data-dir my_images --image-size 32 --out runs/custom-text/captions   # class subfolders
 
 Image i of the training split is <out>/<class>/<i>.png, captioned with template i % (number of templates) filled with
 its class name ("a photo of a sandal"). Also writes prompts.txt, every caption once (the prompts to distill for:
@@ -14,8 +15,8 @@ import shutil
 
 from PIL import Image
 
-from cli import UserError, parse, progress, run, script_parser
-from data import load_dataset, to_uint8
+from cli import UserError, number, parse, progress, run, script_parser
+from data import class_names_of_data, load_dataset, to_uint8
 from recipes import PRESETS
 
 
@@ -28,11 +29,13 @@ def main():
     p.add_argument("--eval-templates", nargs="+", default=["a good photo of a {}"],
                    help="held-out prompts for evaluation: templates no caption uses")
     p.add_argument("--overwrite", action="store_true", help="replace --out")
+    p.add_argument("--image-size", type=number(int, 0), default=None, help="your own images (--data-dir, no --dataset): their square size")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="your own images: grey (1) or RGB (3); default 3")
     args = parse(p)
-    names = PRESETS[args.dataset].get("class_names") or (
-        [str(i) for i in range(PRESETS[args.dataset]["num_classes"])] if PRESETS[args.dataset]["num_classes"] else None)
-    if not names:
-        raise UserError(f"{args.dataset} has no classes to caption: pass a class-labelled --dataset (mnist, fashion-mnist)")
+    spec = PRESETS[args.dataset]
+    if not spec["shape"] and not args.image_size:
+        raise UserError("your own images need --image-size (and --data-dir with class subfolders)")
+    shape = spec["shape"] or (args.channels or 3, args.image_size, args.image_size)
     for template in args.templates + args.eval_templates:
         if template.count("{}") != 1:
             raise UserError(f"template {template!r} needs one {{}} for the class name, e.g. 'a photo of a {{}}'")
@@ -40,7 +43,11 @@ def main():
         raise UserError("--eval-templates must differ from --templates: they are the held-out prompts")
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists: pass --overwrite to replace it, or another --out")
-    images = load_dataset(args.dataset, args.data_dir)
+    images = load_dataset(args.dataset, args.data_dir, shape=shape)
+    names = class_names_of_data(args.dataset, images)
+    if not names:
+        raise UserError(f"the {args.dataset} images have no classes to caption: pass a class-labelled --dataset (mnist, "
+                        f"fashion-mnist) or a --data-dir with one subfolder per class")
     folders = [name.replace("/", "-") for name in names]  # a class name may hold a path separator (T-shirt/top)
     stage = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(stage, ignore_errors=True)
