@@ -503,7 +503,8 @@ def plot_losses(out):
     with open(os.path.join(out, "stats.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     keys = [k for k in ("loss_dm", "loss_sid", "loss_reg", "loss_gan", "loss_fake", "loss_disc", "d_real", "d_fake", "w", "grad_g",
-                        "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema", "probe_recall", "probe_gap") if any(k in r for r in rows)]
+                        "grad_fake", "lr_g", "r_mean", "h_max", "probe_fid", "probe_fid_ema", "probe_recall", "probe_gap") if any(r.get(k) for r in rows)]
+    # (a term that is off, as loss_reg in DMD2, logs all zeros: no panel for it)
     cols = math.ceil(math.sqrt(len(keys)))  # a grid about as wide as tall, each panel readable at 100%
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(3.2 * cols, 2.5 * math.ceil(len(keys) / cols)),
                              squeeze=False)
