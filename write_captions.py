@@ -4,10 +4,12 @@ of diffusers' training scripts and datasets' imagefolder (images, plus metadata.
     python write_captions.py --dataset fashion-mnist --out runs/fashion-mnist-text/captions
     python write_captions.py --data-dir my_images --image-size 32 --out runs/custom-text/captions   # class subfolders
 
-Image i of the training split is <out>/<class>/<i>.png, captioned with template i % (number of templates) filled with
-its class name ("a photo of a sandal"). Also writes prompts.txt, every caption once (the prompts to distill for:
-distill.py --prompts), and eval_prompts.txt, the classes in --eval-templates, which no caption uses (the yardstick's
-held-out prompts: evaluate.py --prompts).
+Image i of the training split is <out>/<class>/<i>.png, captioned with template i % (number of templates) of
+--templates then --eval-templates, filled with its class name ("a photo of a sandal"). Also writes prompts.txt, the
+classes in --templates (the prompts to distill for: distill.py --prompts), and eval_prompts.txt, the classes in
+--eval-templates, held out from distillation (the yardstick's prompts: evaluate.py --prompts). The teacher is trained
+on both: a text encoder made here (models.make_text_encoder) is random and frozen, so a phrasing its teacher never
+saw is noise to it, where SD's CLIP generalises; the student is still scored on prompts it was not distilled for.
 """
 import json
 import os
@@ -27,7 +29,7 @@ def main():
     p.add_argument("--templates", nargs="+", default=["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}"],
                    help="captions, {} = the class name; image i gets template i %% their number")
     p.add_argument("--eval-templates", nargs="+", default=["a good photo of a {}"],
-                   help="held-out prompts for evaluation: templates no caption uses")
+                   help="prompts for evaluation, held out from distillation's (the teacher's captions use them too)")
     p.add_argument("--overwrite", action="store_true", help="replace --out")
     p.add_argument("--image-size", type=number(int, 0), default=None, help="your own images (--data-dir, no --dataset): their square size")
     p.add_argument("--channels", type=int, choices=[1, 3], default=None, help="your own images: grey (1) or RGB (3); default 3")
@@ -53,13 +55,13 @@ def main():
     shutil.rmtree(stage, ignore_errors=True)
     for folder in folders:
         os.makedirs(os.path.join(stage, folder))
-    rows = []
+    rows, captions = [], args.templates + args.eval_templates
     for i in progress(range(len(images)), desc="captions"):
         x, y = images[i]
         file_name = f"{folders[int(y)]}/{i:06d}.png"
         u8 = to_uint8(x).permute(1, 2, 0).squeeze(-1).numpy()
         Image.fromarray(u8).save(os.path.join(stage, file_name))
-        rows.append(dict(file_name=file_name, text=args.templates[i % len(args.templates)].format(names[int(y)].lower())))
+        rows.append(dict(file_name=file_name, text=captions[i % len(captions)].format(names[int(y)].lower())))
     with open(os.path.join(stage, "metadata.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     for name, templates in (("prompts.txt", args.templates), ("eval_prompts.txt", args.eval_templates)):
@@ -68,8 +70,8 @@ def main():
     shutil.rmtree(args.out, ignore_errors=True)
     os.replace(stage, args.out)
     print(f"captions: {len(rows)} images of {len(names)} classes in {args.out} (metadata.jsonl), "
-          f"{len(args.templates) * len(names)} prompts in prompts.txt, {len(args.eval_templates) * len(names)} held-out "
-          f"in eval_prompts.txt")
+          f"{len(args.templates) * len(names)} prompts in prompts.txt, {len(args.eval_templates) * len(names)} held out "
+          f"from distillation in eval_prompts.txt")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ FAST = ["--batch-size", 4, "--reg-loss", "pseudo_huber", "--log-every", 1, "--lr
 
 
 def fresh_run(mnist_run, tmp_path, name="run"):
-    """A copy of the session's tiny teacher + pairs, so each test has its own dmd/ folder."""
+    """A copy of the test run's tiny teacher + pairs, so each test has its own dmd/ folder."""
     dst = tmp_path / name
     shutil.copytree(mnist_run / "teacher", dst / "teacher")
     shutil.copytree(mnist_run / "pairs", dst / "pairs")

@@ -180,7 +180,10 @@ def test_text_teacher_trained_here(tmp_path):
     run("write_captions.py", "--dataset", "mnist", "--data-dir", tmp_path / "mnist", "--out", tmp_path / "captions")
     rows = [json.loads(line) for line in (tmp_path / "captions" / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and rows[0] == dict(file_name="0/000000.png", text="a photo of a 0")
-    assert (tmp_path / "captions" / "eval_prompts.txt").read_text().splitlines()[0] == "a good photo of a 0"
+    held_out = (tmp_path / "captions" / "eval_prompts.txt").read_text().splitlines()
+    distilled = (tmp_path / "captions" / "prompts.txt").read_text().splitlines()
+    assert held_out[0] == "a good photo of a 0" and not set(held_out) & set(distilled)
+    assert rows[4]["text"].startswith("a good photo of a ")  # the teacher learns the held-out phrasing too
     common = ["--run-dir", tmp_path / "run", "--data-dir", tmp_path / "captions", "--image-size", SIZE, "--channels", 1]
     run("train_vae.py", *common, "--block-out-channels", "8,16", "--max-steps", 2, "--batch-size", 4, "--warmup-steps", 0)
     run("train_teacher.py", *common, "--vae", tmp_path / "run" / "vae", "--text-encoder", "new", "--max-steps", 2,
