@@ -255,7 +255,7 @@ class TextEncoder:
         return len(self.prompts)
 
 
-def make_text_encoder(texts, width=64, layers=2, seed=0):
+def make_text_encoder(texts, width=64, layers=2, seed=0, max_length=None):
     """A small CLIP text encoder (transformers' CLIPTextModel, random weights, frozen: it only has to tell prompts
     apart) and a character-level CLIPTokenizer for `texts`: every character they use is a token, no merges. For a
     text-to-image teacher trained here, where SD's encoder cannot be downloaded; saved and loaded as SD's are."""
@@ -265,7 +265,7 @@ def make_text_encoder(texts, width=64, layers=2, seed=0):
     chars = sorted({c for text in texts for c in text.lower() if not c.isspace()})
     vocab = {token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars), "<|startoftext|>",
                                                   "<|endoftext|>"])}
-    length = max(len(text) for text in texts) + 2  # characters and the two special tokens
+    length = max_length or max(len(text) for text in texts) + 2  # characters and the two special tokens (SD: 77)
     with tempfile.TemporaryDirectory() as folder:
         with open(os.path.join(folder, "vocab.json"), "w") as f:
             json.dump(vocab, f)

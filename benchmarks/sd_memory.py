@@ -8,6 +8,7 @@ images), a 77 x 768 text embedding. Three ways to hold netG, µreal and µfake:
 
     python benchmarks/sd_memory.py                      # every condition, each in its own process, a table
     python benchmarks/sd_memory.py --condition lora-shared --limit-gb 16
+    python benchmarks/sd_memory.py --width 0.5            # the same at half the channels: all three fit in 16 GB
 
 Each condition runs in a fresh process whose resident memory is watched: past --limit-gb it is stopped and reported
 as not fitting (the machine's other work is kept safe). Peak = the process's maximum resident set (ru_maxrss), on the
@@ -46,7 +47,7 @@ def watch(limit_gb):
     threading.Thread(target=run, daemon=True).start()
 
 
-def one_condition(name, rank, limit_gb):
+def one_condition(name, rank, limit_gb, width):
     import torch
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -55,10 +56,10 @@ def one_condition(name, rank, limit_gb):
     watch(limit_gb)
     torch.manual_seed(0)
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # SD's
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = UNet2DConditionModel(**dict(SD15_UNET, block_out_channels=tuple(int(c * width) for c in SD15_UNET["block_out_channels"]))).eval()
     unet_parameters = sum(p.numel() for p in unet.parameters())
-    tokenizer, text_model = make_text_encoder(["a photo of a cat", "a photo of a dog"], width=768, layers=1)
-    tokenizer.model_max_length = 77
+    tokenizer, text_model = make_text_encoder(["a photo of a cat", "a photo of a dog"], width=768, layers=1,
+                                              max_length=77)  # SD's 77 x 768 text embedding
     text = TextEncoder(tokenizer, text_model)
     text.set_prompts(["a photo of a cat", "a photo of a dog"])
     if name == "lora":  # each trained network its own frozen copy with its own adapter
@@ -95,24 +96,26 @@ def main():
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank of netG's and µfake's adapters (DMD2's SDXL LoRA: 64)")
     p.add_argument("--limit-gb", type=float, default=16.0, help="stop a condition whose resident memory passes this")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--width", type=float, default=1.0, help="scale of the UNet's channels (1: SD1.5's; 0.5: about a quarter "
+                   "of its weights, so that all three conditions fit where full SD1.5 does not, for the ratios)")
     args = p.parse_args()
     if args.condition:
         import torch
         torch.set_num_threads(args.threads)
-        one_condition(args.condition, args.lora_rank, args.limit_gb)
+        one_condition(args.condition, args.lora_rank, args.limit_gb, args.width)
         return
     rows = []
     for name in CONDITIONS:
         r = subprocess.run([sys.executable, __file__, "--condition", name, "--lora-rank", str(args.lora_rank),
-                            "--limit-gb", str(args.limit_gb), "--threads", str(args.threads)], capture_output=True,
-                           text=True)
+                            "--limit-gb", str(args.limit_gb), "--threads", str(args.threads), "--width", str(args.width)],
+                           capture_output=True, text=True)
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         if not lines:
             raise SystemExit(f"{name} failed:\n{r.stderr[-3000:]}")
         rows.append(dict(condition=name, **json.loads(lines[-1])))
         print(rows[-1], flush=True)
     import platform
-    print(f"\nOne DMD2 step, SD1.5-shaped UNet2DConditionModel, 64x64x4 latent, batch 1, fp32, CPU "
+    print(f"\nOne DMD2 step, SD1.5-shaped UNet2DConditionModel (channels x {args.width:g}), 64x64x4 latent, batch 1, fp32, CPU "
           f"({platform.processor() or platform.machine()}, {args.threads} threads), LoRA rank {args.lora_rank}:\n")
     print("| condition | peak resident memory | step time | trained parameters |\n|---|---|---|---|")
     for r in rows:
