@@ -76,6 +76,8 @@ def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None, text
     net = real_classes_only(backbone)
     if text is not None:
         from diffusers import StableDiffusionPipeline
+        sched = type(sched).from_config(sched.config, steps_offset=1)  # what StableDiffusionPipeline rewrites it to,
+        # with a warning; trailing DDIM's and LCM's timesteps do not read it
         save_folder(folder, StableDiffusionPipeline(vae=vae, text_encoder=text.model, tokenizer=text.tokenizer, unet=net,
                                                     scheduler=sched, safety_checker=None, feature_extractor=None,
                                                     requires_safety_checker=False))

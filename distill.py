@@ -247,7 +247,8 @@ def main():
             if st.ema:
                 st.ema.update_parameters(net_g.backbone)
         st.sched_g.step()  # both lrs are functions of the step (netG's too, though it updates every --gen-every)
-        st.sched_fake.step()
+        if not dmd.regression_only(cfg):  # (regression alone never updates µfake: its scheduler would warn)
+            st.sched_fake.step()
         st.step += 1
         step = st.step
         bar.update(1)
