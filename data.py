@@ -189,7 +189,9 @@ def load_splits(name, data_dir=None, verbose=True, shape=None, num_classes=None)
 
 
 def read_prompts(path):
-    """The prompts of a --prompts file: one a line, blank lines skipped."""
+    """The prompts of a --prompts file: one a line, blank lines skipped; None without a file (no --prompts)."""
+    if path is None:
+        return None
     if not os.path.isfile(path):
         raise UserError(f"--prompts {path} does not exist: pass a text file with one prompt a line")
     with open(path, encoding="utf-8") as f:

@@ -155,7 +155,7 @@ def main():
                         f"processes cannot wrap twice: run one process (DMD2's answer for SDXL on several GPUs is FSDP)")
 
     # --- set-up: the teacher, netG / µreal / µfake, the data, the optimisers (docs/ALGORITHM.md)
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    prompts = read_prompts(args.prompts)
     teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance, prompts=prompts)
     cfg = dmd.StepConfig.from_args(args)
     scheduler, vae = teacher.schedule.scheduler, teacher.vae and teacher.vae.vae  # the teacher's own, saved with students
@@ -176,7 +176,8 @@ def main():
     check_real_images(args, real)
     if real is not None and text:  # real images with their captions, labels in the text encoder's table after the prompts
         real, captions = captioned(real, args.data_dir)
-        real = Relabelled(real, [text.set_prompts(prompts, captions)[c] for c in real.labels])
+        caption_labels = text.set_prompts(prompts, captions)  # (each text encoded once)
+        real = Relabelled(real, [caption_labels[c] for c in real.labels])
     if real is not None and mu_real.vae:  # a latent teacher's G, µreal and µfake see real images as their latents
         real = real_latents(args, real, mu_real.vae, accelerator)
     # the regression distance (and LPIPS's fallback notice) only where a regression loss runs: DMD2 has none

@@ -86,7 +86,7 @@ def main():
         raise UserError("nothing to do: pass --fid (or --prepare to only make the feature classifier)")
     out = os.path.join(args.run_dir, EVAL)
     teacher = args.teacher or default_teacher(args.dataset, args.run_dir)
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    prompts = read_prompts(args.prompts)
     teacher_den, _ = open_teacher(teacher, args.dataset, 1.0, args.device, prompts)  # what it makes: shape, classes, T
     num_classes = teacher_den.num_classes  # the labels its samples are made for: classes, or prompts
     pairs_meta, dmd_config = os.path.join(args.run_dir, PAIRS, "meta.json"), os.path.join(args.run_dir, DMD, "config.json")

@@ -70,7 +70,7 @@ def main():
               f"guidance {args.guidance:g}")
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: processes really split the work under torchrun
-    prompts = read_prompts(args.prompts) if args.prompts else None
+    prompts = read_prompts(args.prompts)
     den, args.guidance = open_teacher(source, args.dataset, args.guidance, accelerator.device, prompts)
     state_ts = generator_timesteps(den.T, args.generator_steps)[1:]  # none for K = 1
     grid = den.schedule.sampling_timesteps(args.sampling_steps)

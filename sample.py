@@ -38,8 +38,7 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parse(p)
     source = model_source(args)
-    den, args.guidance = open_teacher(source, args.dataset, args.guidance, args.device,
-                                      read_prompts(args.prompts) if args.prompts else None)
+    den, args.guidance = open_teacher(source, args.dataset, args.guidance, args.device, read_prompts(args.prompts))
     timesteps = student_timesteps(source, den.T)  # [T-1] for the one-step teacher; a student's own K steps
 
     def sampler(noise, y, generator):
