@@ -30,12 +30,15 @@ PIPELINE_CODE = f"{pipeline_generator.__name__}.py"  # a flow or latent student'
 
 def save_teacher(backbone, scheduler, folder, vae=None, text=None):
     """Diffusers layout (backbone + scheduler in one folder, a latent teacher's AutoencoderKL in vae/, a text-to-image
-    teacher's text encoder and tokenizer in text_encoder/ and tokenizer/, as SD's), every file renamed into place
-    whole."""
+    teacher's text encoder and tokenizer in text_encoder/ and tokenizer/, as SD's, SDXL's second pair in
+    text_encoder_2/ and tokenizer_2/), every file renamed into place whole."""
     save_folder(folder, backbone, scheduler)
     if text is not None:
         save_folder(os.path.join(folder, "text_encoder"), text.model)
         save_folder(os.path.join(folder, "tokenizer"), text.tokenizer)
+    if text is not None and text.model_2 is not None:
+        save_folder(os.path.join(folder, "text_encoder_2"), text.model_2)
+        save_folder(os.path.join(folder, "tokenizer_2"), text.tokenizer_2)
     if vae is not None:
         save_folder(os.path.join(folder, "vae"), vae)
 
@@ -61,9 +64,10 @@ def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None, text
       in the folder (diffusers' way for a custom pipeline; components unet/ or transformer/ as DiTPipeline names
       them, scheduler/, vae/). Flow: FlowMatchEulerDiscreteScheduler, stochastic at K > 1 (x̂0 re-noised with fresh
       noise, DMD2's K-step sampling); DDPM: DDIM / LCM as above.
-    - A text-to-image student (`text`): StableDiffusionPipeline, the student's UNet with the teacher's VAE, text
-      encoder and tokenizer and the DDIM / LCM scheduler above: pipe(prompt, num_inference_steps=K,
-      guidance_scale=1.0) (its guidance was distilled into it: the pipeline must not guide again).
+    - A text-to-image student (`text`): StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL's two encoders),
+      the student's UNet with the teacher's VAE, text encoder(s) and tokenizer(s) and the DDIM / LCM scheduler above:
+      pipe(prompt, num_inference_steps=K, guidance_scale=1.0) (its guidance was distilled into it: the pipeline must
+      not guide again).
     Code that is no diffusers class (a ContextUnet, the GeneratorPipeline) runs only with trust_remote_code=True."""
     from diffusers import ConsistencyModelPipeline, DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
     K, flow = len(timesteps), isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
@@ -75,12 +79,15 @@ def save_pipeline(backbone, scheduler, folder, timesteps, config, vae=None, text
         sched = LCMScheduler.from_config(scheduler.config, original_inference_steps=K, clip_sample=False)
     net = real_classes_only(backbone)
     if text is not None:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         sched = type(sched).from_config(sched.config, steps_offset=1)  # what StableDiffusionPipeline rewrites it to,
         # with a warning; trailing DDIM's and LCM's timesteps do not read it
-        save_folder(folder, StableDiffusionPipeline(vae=vae, text_encoder=text.model, tokenizer=text.tokenizer, unet=net,
-                                                    scheduler=sched, safety_checker=None, feature_extractor=None,
-                                                    requires_safety_checker=False))
+        parts = dict(vae=vae, text_encoder=text.model, tokenizer=text.tokenizer, unet=net, scheduler=sched)
+        save_folder(folder, StableDiffusionXLPipeline(**parts, text_encoder_2=text.model_2, tokenizer_2=text.tokenizer_2,
+                                                      force_zeros_for_empty_prompt=text.zero_null)
+                    if text.model_2 is not None else
+                    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False))
     elif flow or vae is not None:
         name = "transformer" if isinstance(backbone, DiTTransformer2DModel) else "unet"
         save_folder(folder, pipeline_generator.GeneratorPipeline(scheduler=sched, vae=vae, **{name: net}))
@@ -227,7 +234,8 @@ def load_teacher(source):
         scheduler = scheduler_class(name).from_pretrained(source, subfolder=scheduler_folder, local_files_only=local_only)
         vae_folder = os.path.join(source, "vae")  # by its path: diffusers' subfolder= would take a model folder's
         vae = AutoencoderKL.from_pretrained(vae_folder).eval() if os.path.isdir(vae_folder) else None  # own weights
-        text = load_text_encoder(source) if isinstance(backbone, UNet2DConditionModel) else None
+        text = (load_text_encoder(source, backbone.config.addition_embed_type == "text_time")
+                if isinstance(backbone, UNet2DConditionModel) else None)
     except UserError:
         raise
     except Exception as e:  # network down, missing files, truncated or foreign weights: one line, not a traceback
@@ -242,15 +250,25 @@ def load_teacher(source):
     return backbone.eval(), scheduler, vae, text
 
 
-def load_text_encoder(source):
+def load_text_encoder(source, sdxl=False):
     """A text-to-image teacher's TextEncoder: text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer) beside
-    its UNet, as in SD 1.x / 2.x pipeline folders."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-    folders = [os.path.join(source, sub) for sub in ("text_encoder", "tokenizer")] if os.path.isdir(source) else []
+    its UNet, as in SD 1.x / 2.x pipeline folders; with `sdxl` (its UNet takes added text and time conditions) also
+    text_encoder_2/ (CLIPTextModelWithProjection) and tokenizer_2/, and the empty prompt as zeros unless the
+    pipeline's model_index.json sets force_zeros_for_empty_prompt false (a student's folder has none: the default)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    subs = ("text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if sdxl else ())
+    folders = [os.path.join(source, sub) for sub in subs] if os.path.isdir(source) else []
     if not folders or not all(os.path.isdir(f) for f in folders):
-        raise UserError(f"teacher '{source}' is a text-to-image UNet (UNet2DConditionModel) with no text_encoder/ and "
-                        f"tokenizer/ beside it: pass the folder that StableDiffusionPipeline.save_pretrained wrote")
-    return TextEncoder(CLIPTokenizer.from_pretrained(folders[1]), CLIPTextModel.from_pretrained(folders[0]))
+        pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        raise UserError(f"teacher '{source}' is a text-to-image UNet (UNet2DConditionModel{', SDXL' if sdxl else ''}) "
+                        f"with no {'/, '.join(subs)}/ beside it: pass the folder that {pipeline}.save_pretrained wrote")
+    first = CLIPTokenizer.from_pretrained(folders[1]), CLIPTextModel.from_pretrained(folders[0])
+    if not sdxl:
+        return TextEncoder(*first)
+    index = os.path.join(source, "model_index.json")
+    zeros = load_json(index).get("force_zeros_for_empty_prompt", True) if os.path.isfile(index) else True
+    return TextEncoder(*first, CLIPTokenizer.from_pretrained(folders[3]),
+                       CLIPTextModelWithProjection.from_pretrained(folders[2]), zero_null=zeros)
 
 
 def default_teacher(dataset, run_dir):
@@ -300,7 +318,8 @@ def weights_hash(source):
     if path is None:  # a hub id: hash the file that load_teacher put in the cache
         path = try_to_load_from_cache(source, WEIGHT_FILES[0])
     paths = [path]
-    for part, files in (("vae", WEIGHT_FILES), ("text_encoder", ("model.safetensors", "pytorch_model.bin"))):
+    for part, files in (("vae", WEIGHT_FILES), *((sub, ("model.safetensors", "pytorch_model.bin"))
+                                                  for sub in ("text_encoder", "text_encoder_2"))):
         found = [os.path.join(source, part, f) for f in files if os.path.isfile(os.path.join(source, part, f))]
         paths += found[:1] if os.path.isdir(source) else []
     h = hashlib.sha256()

@@ -7,6 +7,7 @@
 The step itself (draw a batch, update netG, update µfake) is in dmd.py; this file is the loop around it: set-up,
 logging, sample grids, the quality probe and checkpoints. docs/ALGORITHM.md has the equations.
 """
+import copy
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from files import (CLASSIFIER, DMD, EVAL, LATENTS, PAIRS, VAE, TEACHER, PIPELINE
 from losses import regression_loss
 from metrics import best_teacher_row, make_probe, required_best_teacher_row
 from checkpoints import default_teacher, load_teacher, open_teacher, save_pipeline, save_student, weights_hash
-from models import Denoiser, make_dmd_networks
+from models import Denoiser, cast_frozen, make_dmd_networks
 from recipes import PRESETS, grid_columns
 from sampling import (GRID_SEED, PROBE_SEED, balanced_labels, generator_timesteps, sample_generator, sample_teacher,
                       seeded_noise)
@@ -59,6 +60,10 @@ def parse_args():
     p.add_argument("--ema", type=number(float, 0, inclusive=True), default=0.0,
                    help="EMA decay of netG's weights (0 = off); when on, the EMA is the student the probe keeps and the pipeline ships (student_ema/)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="autocast (bf16 recommended on GPU; DMD2 saw fp16 diverge)")
+    p.add_argument("--frozen-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="what the frozen parts are stored in: µreal (or --lora-rank's shared base), a latent teacher's "
+                        "VAE, a text encoder; bfloat16 halves their memory (DMD2's SD µreal), netG and µfake stay "
+                        "float32; auto = bfloat16 under --mixed-precision bf16, else float32")
     p.add_argument("--report-to", default=None, choices=["tensorboard"], help="also log every stats row and sample grid there (<run-dir>/<out>/tensorboard)")
     p.add_argument("--log-every", type=number(int, 0), default=20, help="status line + stats.jsonl row every N steps")
     p.add_argument("--ckpt-every", type=number(int, 0), default=200, help="save student + training state every N steps")
@@ -158,13 +163,24 @@ def main():
     prompts = read_prompts(args.prompts)
     teacher, args.guidance = open_teacher(args.teacher, args.dataset, args.guidance, prompts=prompts)
     cfg = dmd.StepConfig.from_args(args)
-    scheduler, vae = teacher.schedule.scheduler, teacher.vae and teacher.vae.vae  # the teacher's own, saved with students
-    text = teacher.text  # a text-to-image teacher's encoder and prompts (the labels), shared by the three networks
+    scheduler, vae_out = teacher.schedule.scheduler, teacher.vae and teacher.vae.vae  # the teacher's own, saved with students
+    text_out = teacher.text  # a text-to-image teacher's encoder and prompts (the labels)
+    frozen = getattr(torch, args.frozen_dtype if args.frozen_dtype != "auto" else
+                     "bfloat16" if args.mixed_precision == "bf16" else "float32")
+    # the VAE and text encoder the three networks share: the teacher's, or bf16 copies (the float32 ones then stay on
+    # the CPU for the students' folders, which ship the teacher's VAE and text encoder as they were)
+    vae, text = vae_out, text_out
+    if frozen != torch.float32 and vae_out is not None:
+        vae = cast_frozen(copy.deepcopy(vae_out), frozen)
+    if frozen != torch.float32 and text_out is not None:
+        text = copy.deepcopy(text_out)
+        for model in text.models:
+            cast_frozen(model, frozen)
     if args.gradient_checkpointing:
         enable_checkpointing(teacher.backbone)
     net_g, mu_real, mu_fake = (n.to(dev) for n in make_dmd_networks(teacher.backbone, scheduler, cfg.gan_weight > 0,
                                                                     args.seed, args.gan_head_input, vae, text,
-                                                                    args.lora_rank))
+                                                                    args.lora_rank, frozen))
     shape, num_classes, T = mu_real.shape, mu_real.num_classes, mu_real.T  # what the teacher makes (latents: their shape)
     if args.generator_init and not args.resume:
         init_generator(net_g, args.generator_init, weights_hash(args.teacher))
@@ -271,7 +287,7 @@ def main():
                 fid = row["probe_fid_ema" if st.ema else "probe_fid"]
                 if fid < st.best_probe:  # probe seeds are disjoint from evaluation's: choosing here biases nothing
                     st.best_probe = fid
-                    save_student(shipped.standalone(), scheduler, os.path.join(out, STUDENT_BEST), timesteps, vae, text)
+                    save_student(shipped.standalone(), scheduler, os.path.join(out, STUDENT_BEST), timesteps, vae_out, text_out)
                     write_json(dict(step=step, probe_fid=fid, of=shipped_name), os.path.join(out, STUDENT_BEST, "probe.json"))
             append_jsonl(row, os.path.join(out, "stats.jsonl"))
             bar.write(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -279,7 +295,7 @@ def main():
         if main_process and (step % args.sample_every == 0 or last):
             grids.save(net_g, out, step, accelerator.get_tracker(args.report_to) if args.report_to else None)
         if main_process and (step % args.ckpt_every == 0 or last):
-            save_checkpoint(out, st, scheduler, timesteps, vae, text)
+            save_checkpoint(out, st, scheduler, timesteps, vae_out, text_out)
             plot_losses(out)
         if stop:
             break
@@ -294,7 +310,7 @@ def main():
                         gap_reference=probe.gap_reference if probe else None),
                    os.path.join(out, "summary.json"))
         save_pipeline(shipped.standalone(), scheduler, os.path.join(out, PIPELINE), timesteps,
-                      dict(config, steps_done=st.step), vae, text)
+                      dict(config, steps_done=st.step), vae_out, text_out)
         print(f"dmd: {st.step} steps in {(time.time() - t0) / 60:.1f} min -> {out}/{shipped_name}, {out}/{PIPELINE} "
               f"(grid: {out}/samples.png, top: one-step before distillation, bottom: after)")
     accelerator.end_training()  # closes the trackers, and the process group: after the last collective (the gather)
@@ -393,8 +409,9 @@ def real_latents(args, real, vae, accelerator):
     """The real images as a latent teacher's latents (with their labels), encoded once by the main process and
     cached in <run-dir>/latents/ (data.encoded_dataset): the GAN head and the K-step inputs read a batch of them at
     every step."""
+    dtype = "" if vae.vae.dtype == torch.float32 else f"-{str(vae.vae.dtype).split('.')[-1]}"  # --frozen-dtype's encodes
     cache = os.path.join(args.run_dir, LATENTS, f"{weights_hash(os.path.join(args.teacher, 'vae'))}-"
-                                                f"{args.dataset}-{len(real)}.safetensors")
+                                                f"{args.dataset}-{len(real)}{dtype}.safetensors")
     if accelerator.is_main_process:
         encoded_dataset(real, vae, cache)
     accelerator.wait_for_everyone()

@@ -183,6 +183,13 @@ BACKBONES = {"ContextUnet": ContextUnet, "UNet2DModel": UNet2DModel, "DiTTransfo
              "UNet2DConditionModel": UNet2DConditionModel}
 
 
+def cast_frozen(module, dtype):
+    """A frozen `module` (a backbone, a VAE, a text encoder) with its weights in `dtype`, in place, through nn.Module's
+    own to(): diffusers' warns at any dtype that it keeps some modules in float32, of which its UNets and VAEs have
+    none."""
+    return nn.Module.to(module, dtype=dtype)
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -204,12 +211,14 @@ class Autoencoder:
 
     @torch.no_grad()
     def encode(self, x, generator=None):
-        """Images in [-1, 1] (B, C, H, W) -> latents: one draw of the VAE's posterior (as SD's training takes it)."""
-        return (self.vae.encode(x).latent_dist.sample(generator) - self.shift) * self.scale
+        """Images in [-1, 1] (B, C, H, W) -> latents: one draw of the VAE's posterior (as SD's training takes it). A
+        VAE stored in bf16 (distill.py --frozen-dtype) takes x in it and gives latents back in x's dtype."""
+        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.sample(generator).to(x.dtype)
+        return (z - self.shift) * self.scale
 
     def decode(self, z):
-        """Latents -> images in [-1, 1] (unclipped); with grad where the caller has it."""
-        return self.vae.decode(z / self.scale + self.shift).sample
+        """Latents -> images in [-1, 1] (unclipped), in z's dtype; with grad where the caller has it."""
+        return self.vae.decode((z / self.scale + self.shift).to(self.vae.dtype)).sample.to(z.dtype)
 
     def image_shape(self, latent_shape):
         c, h, w = latent_shape
@@ -219,36 +228,64 @@ class Autoencoder:
 class TextEncoder:
     """A text-to-image teacher's frozen text encoder (a transformers CLIPTextModel and its tokenizer, as in an SD
     pipeline folder) and the table of prompts its denoiser is read with. Prompts are the labels y of text-conditioned
-    networks: `set_prompts` encodes each prompt once (SD's way: padded to the tokenizer's max length, the last hidden
-    state), and label y means the embedding embeds[y]; the empty prompt, the last row, is guidance's unconditional
-    model (SD's negative prompt ""). Not a submodule of any network, like Autoencoder."""
+    networks: `set_prompts` encodes each prompt once, and label y means the embedding embeds[y]; the empty prompt, the
+    last row, is guidance's unconditional model (SD's negative prompt ""). Not a submodule of any network, like
+    Autoencoder. SDXL's pair where `tokenizer_2`, `model_2` are given (its second CLIP, with a projection): see
+    `encode`; its empty prompt is then zeros where `zero_null` (its pipeline's force_zeros_for_empty_prompt)."""
 
-    def __init__(self, tokenizer, text_model):
+    def __init__(self, tokenizer, text_model, tokenizer_2=None, model_2=None, zero_null=False):
         self.tokenizer, self.model = tokenizer, text_model.eval().requires_grad_(False)
-        self.prompts, self.num_prompts, self.embeds = [], 0, None
+        self.tokenizer_2, self.model_2 = tokenizer_2, None if model_2 is None else model_2.eval().requires_grad_(False)
+        self.zero_null = zero_null and model_2 is not None
+        self.prompts, self.num_prompts, self.embeds, self.pooled = [], 0, None, None
+
+    @property
+    def models(self):
+        """The encoder, or SDXL's two."""
+        return [self.model] + ([self.model_2] if self.model_2 is not None else [])
 
     def to(self, device):
-        self.model.to(device)
+        for model in self.models:
+            model.to(device)
         if self.embeds is not None:
             self.embeds = self.embeds.to(device)
+            self.pooled = self.pooled if self.pooled is None else self.pooled.to(device)
         return self
 
     @torch.no_grad()
     def encode(self, texts):
-        """(N, L, D) embeddings of N texts, as StableDiffusionPipeline.encode_prompt makes them."""
-        device = self.model.device
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        return torch.cat([self.model(part)[0] for part in ids.split(256)])
+        """(embeds (N, L, D), pooled (N, P) or None) of N texts, as the pipelines' encode_prompt makes them: each
+        padded to its tokenizer's max length; SD: the last hidden state; SDXL: the two encoders' penultimate hidden
+        states side by side, and the second's projected text embedding (the UNet's added `text_embeds`)."""
+        def run(tokenizer, model, **kwargs):
+            ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(model.device)
+            return [model(part, **kwargs) for part in ids.split(256)]
+        if self.model_2 is None:
+            return torch.cat([out[0] for out in run(self.tokenizer, self.model)]).float(), None
+        first, second = (run(tok, model, output_hidden_states=True)
+                         for tok, model in ((self.tokenizer, self.model), (self.tokenizer_2, self.model_2)))
+        embeds = torch.cat([torch.cat([a.hidden_states[-2], b.hidden_states[-2]], -1) for a, b in zip(first, second)])
+        return embeds.float(), torch.cat([b.text_embeds for b in second]).float()
 
     def set_prompts(self, prompts, extra=()):
         """The labels: 0..P-1 the prompts a generator is asked for, then `extra` texts (real images' captions, which
         only the GAN head's real inputs use), then the empty prompt. Returns the label of each extra text."""
         texts = list(dict.fromkeys([*prompts, *[t for t in extra if t not in prompts]]))
         self.prompts, self.num_prompts = texts, len(dict.fromkeys(prompts))
-        self.embeds = self.encode(texts + [""])
+        self.embeds, self.pooled = self.encode(texts + [""])
+        if self.zero_null:  # SDXL's negative prompt when none is given: zeros, not the empty prompt's encoding
+            self.embeds[-1], self.pooled[-1] = 0, 0
         index = {text: i for i, text in enumerate(texts)}
         return [index[t] for t in extra]
+
+    def added_conditions(self, y, image_size, dtype):
+        """SDXL's added conditions of labels y: the pooled `text_embeds` and the `time_ids` (original size, crop's
+        top-left, target size: the image size, no crop, as its pipeline sends them by default); None for SD."""
+        if self.pooled is None:
+            return None
+        time_ids = torch.tensor([*image_size, 0, 0, *image_size], dtype=dtype, device=y.device).expand(len(y), 6)
+        return dict(text_embeds=self.pooled[y].to(dtype), time_ids=time_ids)
 
     @property
     def null_label(self):
@@ -324,8 +361,8 @@ class Denoiser(nn.Module):
         for_x0=True: the output will become x̂0. An ε-teacher's x̂0 multiplies ε̂'s error by √(1-ᾱ_t)/√ᾱ_t (157 at
         t = T-1 on CIFAR-10's schedule), so under bf16/fp16 autocast the samples where that factor exceeds 1 (ᾱ_t <
         1/2) are computed in float32; the others, and other teachers, keep the autocast dtype."""
-        if realism:
-            return self.head(self.bottleneck(x_t, t, y) if features is None else features, y)
+        if realism:  # (the head is trained, so float32, where the features may come from bf16 weights)
+            return self.head((self.bottleneck(x_t, t, y) if features is None else features).float(), y)
         device = x_t.device.type
         if not (for_x0 and torch.is_autocast_enabled(device)):
             return self.raw(x_t, t, y)
@@ -334,27 +371,39 @@ class Denoiser(nn.Module):
         if not exact.any():
             return self.raw(x_t, t, y)
         out = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
-        for part, autocast in ((~exact, True), (exact, False)):
+        for part, autocast in ((~exact, True), (exact, False)):  # (weights stored in bf16 compute in bf16 anyway)
             if part.any():  # the backbone itself, not self(): accelerate's prepare() re-wraps self.forward in autocast
                 with torch.autocast(device, enabled=autocast):
                     out[part] = self.raw(x_t[part].float() if not autocast else x_t[part], t[part],
                                          y[part] if y is not None else None).float()
         return out
 
+    @property
+    def dtype(self):
+        """The dtype the backbone's weights are stored in (float32, or bf16 for frozen ones: distill.py
+        --frozen-dtype; LoRA adapters on a bf16 base stay float32)."""
+        return next(p for name, p in self.backbone.named_parameters() if "lora_" not in name).dtype
+
     def raw(self, x_t, t, y=None):
         """The backbone's output, as it comes (a DiT's learned-σ half, where it has one, split off), at the network
-        timestep of t (flow: σ_t T)."""
+        timestep of t (flow: σ_t T). A backbone stored in another dtype than x_t's takes its inputs cast to its own
+        and gives its output back in x_t's (t stays float32: diffusers embeds it in float32)."""
         t = self.schedule.model_timestep(self.schedule.expand(t, x_t))
         for layer in self.lora_layers:  # this network's adapter on the shared base (peft's set_adapter would also
             layer._disable_adapters = self.adapter is None  # flip requires_grad, cutting netG's gradient through µfake)
             layer._active_adapter = [self.adapter] if self.adapter else layer._active_adapter
+        dtype = self.dtype
+        x = x_t.to(dtype)
         if self.text is not None:  # y: the prompts' labels, None = the empty prompt
             y = torch.full((len(x_t),), self.null_label, device=x_t.device) if y is None else y
-            return self.backbone(x_t, t, encoder_hidden_states=self.text.embeds[y]).sample
-        if isinstance(self.backbone, DiTTransformer2DModel):  # always class-conditional: label 0 for the one class
+            out = self.backbone(x, t, encoder_hidden_states=self.text.embeds[y].to(dtype),
+                                added_cond_kwargs=self.text.added_conditions(y, self.image_shape[1:], dtype)).sample
+        elif isinstance(self.backbone, DiTTransformer2DModel):  # always class-conditional: label 0 for the one class
             y = y if self.num_classes else torch.zeros(len(x_t), dtype=torch.long, device=x_t.device)
-            return self.backbone(x_t, t, class_labels=y).sample[:, :x_t.shape[1]]
-        return self.backbone(x_t, t, class_labels=y if self.num_classes else None).sample
+            out = self.backbone(x, t, class_labels=y).sample[:, :x_t.shape[1]]
+        else:
+            out = self.backbone(x, t, class_labels=y if self.num_classes else None).sample
+        return out if dtype == x_t.dtype else out.to(x_t.dtype)
 
     def bottleneck(self, x_t, t, y=None):
         """The backbone's bottleneck features (B, C, h, w), where x_t, t and y have all entered, so the GAN head can
@@ -405,7 +454,7 @@ class Denoiser(nn.Module):
         network's adapter fused into its weights (diffusers' fuse_lora) and the adapters removed."""
         if not self.adapter:
             return self.backbone
-        copy_ = copy.deepcopy(self.backbone)
+        copy_ = copy.deepcopy(self.backbone).float()  # (a base stored in bf16: the adapter fused in float32)
         copy_.fuse_lora(adapter_names=[self.adapter])
         copy_.unload_lora()
         return copy_.eval()
@@ -451,13 +500,15 @@ class Denoiser(nn.Module):
 
 
 def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="bottleneck", vae=None, text=None,
-                      lora_rank=0):
+                      lora_rank=0, frozen_dtype=torch.float32):
     """netG, µreal, µfake: three copies of µbase (µfake with DMD2's GAN head when `gan_head`, its initial weights
     drawn from `seed`, so runs repeat and every process starts alike; `head_input`: Denoiser.bottleneck), sharing a
     latent teacher's frozen `vae` and a text-to-image teacher's `text` encoder and prompts. µreal is frozen; all three
     run in eval mode (dropout off, BatchNorm on running statistics) so an image never depends on its batch.
     lora_rank > 0: no copies. The three share µbase itself, frozen, and netG and µfake are each a LoRA adapter on it
-    (peft, `add_lora`): one base in memory instead of three, and two small sets of trained weights."""
+    (peft, `add_lora`): one base in memory instead of three, and two small sets of trained weights.
+    frozen_dtype: what µreal's weights (or the shared base's) are stored in; bf16 halves them (DMD2 keeps its SD
+    µreal in bf16). netG and µfake, the adapters and the head, are trained, so always float32."""
     head = None
     if gan_head:
         with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
@@ -465,13 +516,15 @@ def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="b
             channels, num_classes = bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0]
             head = (LevelHeads if isinstance(channels, tuple) else DiscriminatorHead)(channels, num_classes)
     if lora_rank:
-        add_lora(backbone, lora_rank, ("generator", "fake"))
+        from diffusers.training_utils import cast_training_params
+        add_lora(cast_frozen(backbone, frozen_dtype), lora_rank, ("generator", "fake"))
+        cast_training_params(backbone, torch.float32)  # (peft makes the adapters in their base layer's dtype)
         return (Denoiser(backbone, scheduler, vae, text, adapter="generator").eval(),
                 Denoiser(backbone, scheduler, vae, text, head_input=head_input).eval(),
                 Denoiser(backbone, scheduler, vae, text, head, head_input, adapter="fake").eval())
     net_g = Denoiser(copy.deepcopy(backbone), scheduler, vae, text).eval().requires_grad_(True)
     mu_fake = Denoiser(copy.deepcopy(backbone), scheduler, vae, text, head, head_input).eval().requires_grad_(True)
-    mu_real = Denoiser(backbone, scheduler, vae, text, head_input=head_input).eval().requires_grad_(False)  # µfake's kind of features
+    mu_real = Denoiser(cast_frozen(backbone, frozen_dtype), scheduler, vae, text, head_input=head_input).eval().requires_grad_(False)  # µfake's kind of features
     return net_g, mu_real, mu_fake
 
 

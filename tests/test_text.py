@@ -1,6 +1,7 @@
 """Text-to-image teachers: a tiny Stable-Diffusion-shaped pipeline folder (a UNet2DConditionModel, a VAE, a CLIP text
 encoder and tokenizer, built from configs here) in, a StableDiffusionPipeline out; prompts as the labels, guidance
 against the empty prompt, real images from an image-caption folder, LoRA adapters on one shared base."""
+import copy
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import fake_images, read_json, run
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 
 import models
 from checkpoints import load_teacher, load_text_encoder
@@ -66,8 +68,8 @@ def sd_run(tmp_path_factory):
 SNIPPET = """
 import sys
 import numpy as np, torch
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
 prompts = open(sys.argv[2]).read().split("\\n")[:2] * 2
 images = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, output_type="np",
               generator=[torch.Generator().manual_seed(i) for i in range(4)]).images
@@ -77,8 +79,8 @@ assert not [m for m in ("models", "checkpoints", "dmd", "sampling") if m in sys.
 
 
 def pipeline_matches_sample_py(r, teacher, prompts, tmp_path):
-    """sample.py's images of the student against StableDiffusionPipeline's, in a fresh process that imports only
-    diffusers and transformers: the largest difference on the [0, 1] scale."""
+    """sample.py's images of the student against its pipeline's (StableDiffusionPipeline, or SDXL's), in a fresh
+    process that imports only diffusers and transformers: the largest difference on the [0, 1] scale."""
     run("sample.py", "--teacher", teacher, "--run-dir", r, "--model", "student", "--prompts", prompts,
         "--num-samples", 4, "--out", tmp_path / "s")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -127,9 +129,9 @@ def test_guidance_is_against_the_empty_prompt(tmp_path):
     assert (den.num_classes, den.null_label) == (2, 2)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 0])
     with torch.no_grad():
-        embeds = text.encode([PROMPTS[1], PROMPTS[0]])
+        embeds = text.encode([PROMPTS[1], PROMPTS[0]])[0]
         cond = backbone(x, t, encoder_hidden_states=embeds).sample
-        uncond = backbone(x, t, encoder_hidden_states=text.encode(["", ""])).sample
+        uncond = backbone(x, t, encoder_hidden_states=text.encode(["", ""])[0]).sample
         torch.testing.assert_close(den.guided(x, t, y, 3.0), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
 
 
@@ -192,7 +194,7 @@ def test_text_teacher_trained_here(tmp_path):
     teacher = tmp_path / "run" / "teacher"
     assert read_json(teacher / "config.json")["_class_name"] == "UNet2DConditionModel"
     assert (teacher / "text_encoder" / "config.json").is_file() and (teacher / "tokenizer").is_dir()
-    a, b = load_text_encoder(str(teacher)).encode(["a photo of a 3", "a photo of a 8"])
+    a, b = load_text_encoder(str(teacher)).encode(["a photo of a 3", "a photo of a 8"])[0]
     assert not torch.allclose(a, b)  # prompts told apart
 
 
@@ -214,7 +216,7 @@ def test_bad_text_inputs_are_one_line(sd_run, mnist_run, tmp_path):
         (["precompute.py", "--teacher", mnist_run / "teacher", "--run-dir", x, "--prompts", data / "prompts.txt"],
          "--prompts is for text-to-image teachers"),
         (["precompute.py", "--teacher", no_text, "--run-dir", x, "--prompts", data / "prompts.txt"],
-         "with no text_encoder/ and tokenizer/"),
+         "with no text_encoder/, tokenizer/"),
         (["distill.py", "--teacher", mnist_run / "teacher", "--run-dir", x, "--lora-rank", 2, "--reg-weight", 0,
           "--probe-every", 0], "peft cannot put LoRA on this ContextUnet"),
         (["distill.py", "--teacher", teacher, "--run-dir", x, "--prompts", data / "prompts.txt", "--lora-rank", 2,
@@ -226,3 +228,105 @@ def test_bad_text_inputs_are_one_line(sd_run, mnist_run, tmp_path):
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
         assert lines[-1].startswith("error: ") and words in lines[-1], (args, lines[-3:])
     assert not x.exists()
+
+
+def test_frozen_parts_in_bf16(sd_run, tmp_path):
+    """--frozen-dtype bfloat16: µreal (here the shared LoRA base), the VAE and the text encoder are stored in bf16
+    and read in float32 out; netG's and µfake's adapters stay float32; the student's folder ships the teacher's own
+    float32 VAE and text encoder, and its pipeline reproduces sample.py."""
+    r, data, teacher = tmp_path / "run", sd_run / "data", sd_run / "teacher"
+    run("distill.py", "--teacher", teacher, "--run-dir", r, "--prompts", data / "prompts.txt", "--data-dir", data,
+        "--reg-weight", 0, "--gan-weight", 1e-2, "--lr", 1e-3, "--steps", 2, "--batch-size", 4, "--probe-every", 0,
+        "--lora-rank", 2, "--frozen-dtype", "bfloat16")
+    state = torch.load(r / "dmd" / "train_state.pt", weights_only=True)
+    assert {v.dtype for v in state["net_g"].values()} == {v.dtype for v in state["mu_fake"].values()} == {torch.float32}
+    for part in ("vae/diffusion_pytorch_model", "text_encoder/model"):  # the teacher's, not their bf16 copies
+        saved = load_file(r / "dmd" / "pipeline" / f"{part}.safetensors")
+        theirs = load_file(teacher / f"{part}.safetensors")
+        assert saved.keys() == theirs.keys() and all(torch.equal(saved[k], theirs[k]) for k in saved)
+    assert pipeline_matches_sample_py(r, teacher, data / "prompts.txt", tmp_path) <= 1 / 255 + 1e-6
+
+
+def test_bf16_weights_take_float32_in_and_out(tmp_path):
+    """make_dmd_networks(frozen_dtype=bf16) without LoRA: µreal's weights in bf16 (half the bytes), netG's and
+    µfake's float32; µreal's x̂0 and the VAE's latents come back in float32, near the float32 teacher's."""
+    backbone, scheduler, vae, text = load_teacher(str(tiny_sd(tmp_path / "t")))
+    text.set_prompts(PROMPTS)
+    teacher = models.Denoiser(backbone, scheduler, vae, text).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([900, 100]), torch.tensor([1, 0])
+    with torch.no_grad():
+        want = teacher.x0(x, t, y, 2.0)
+    half_vae, half_text = models.cast_frozen(copy.deepcopy(vae), torch.bfloat16), copy.deepcopy(text)
+    models.cast_frozen(half_text.model, torch.bfloat16)  # (one encoder: SD's)
+    net_g, mu_real, mu_fake = models.make_dmd_networks(backbone, scheduler, True, vae=half_vae, text=half_text,
+                                                       frozen_dtype=torch.bfloat16)
+    assert (mu_real.dtype, net_g.dtype, mu_fake.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert sum(p.numel() * p.element_size() for p in mu_real.parameters()) * 2 == sum(
+        p.numel() * p.element_size() for p in net_g.parameters())
+    with torch.no_grad():
+        got = mu_real.x0(x, t, y, 2.0)
+        latents = mu_real.vae.encode(torch.rand(2, 3, SIZE, SIZE) * 2 - 1, torch.Generator().manual_seed(0))
+        logit = mu_fake(x, t, y, realism=True)
+    assert got.dtype == latents.dtype == logit.dtype == torch.float32
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def tiny_sdxl(folder):
+    """An SDXL-shaped pipeline folder: two CLIP text encoders (the second with a projection: the pooled text_embeds)
+    and a UNet2DConditionModel with SDXL's added text and time conditions, 16x16 RGB images."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    texts = PROMPTS + ["a cat", "a dog"]
+    tokenizer, text_model = make_text_encoder(texts, width=32, layers=1)
+    tokenizer_2, base_2 = make_text_encoder(texts, width=16, layers=1, seed=1)
+    text_model_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(dict(base_2.config.to_dict(), projection_dim=8)))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=SIZE)
+    unet = UNet2DConditionModel(**dict(models.small_text_unet((4, SIZE // 2, SIZE // 2), 32 + 16), layers_per_block=1,
+                                       addition_embed_type="text_time", addition_time_embed_dim=4,
+                                       projection_class_embeddings_input_dim=8 + 6 * 4))
+    StableDiffusionXLPipeline(vae=vae, text_encoder=text_model, text_encoder_2=text_model_2, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer_2, unet=unet,
+                              scheduler=DDIMScheduler(prediction_type="epsilon", clip_sample=False)).save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_conditions_are_its_pipelines(tmp_path):
+    """An SDXL teacher's prompt embeddings and pooled text_embeds are StableDiffusionXLPipeline.encode_prompt's (the
+    empty prompt zeros, force_zeros_for_empty_prompt), and its denoiser gets them with the time_ids of its image
+    size (original = target = 16 x 16, no crop), guided against the zeros."""
+    from diffusers import StableDiffusionXLPipeline
+    folder = tiny_sdxl(tmp_path / "t")
+    backbone, scheduler, vae, text = load_teacher(str(folder))
+    text.set_prompts(PROMPTS)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    embeds, null, pooled, null_pooled = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True)
+    torch.testing.assert_close(text.embeds[:2], embeds)
+    torch.testing.assert_close(text.pooled[:2], pooled)
+    assert not text.embeds[-1].any() and not null.any() and not text.pooled[-1].any() and not null_pooled.any()
+    den = models.Denoiser(backbone, scheduler, vae, text).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([700, 300]), torch.tensor([1, 0])
+    time_ids = pipe._get_add_time_ids((SIZE, SIZE), (0, 0), (SIZE, SIZE), torch.float32,
+                                      pipe.text_encoder_2.config.projection_dim).expand(2, 6)
+    with torch.no_grad():
+        cond = backbone(x, t, encoder_hidden_states=embeds[[1, 0]],
+                        added_cond_kwargs=dict(text_embeds=pooled[[1, 0]], time_ids=time_ids)).sample
+        uncond = backbone(x, t, encoder_hidden_states=null, added_cond_kwargs=dict(text_embeds=null_pooled,
+                                                                                   time_ids=time_ids)).sample
+        torch.testing.assert_close(den.guided(x, t, y, 2.0), uncond + 2.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_pipeline_in_sdxl_pipeline_out(sd_run, tmp_path):
+    """An SDXL pipeline folder through precompute.py and DMD2 (the GAN on captioned real images, µreal guided) out
+    as a StableDiffusionXLPipeline with both encoders, which reproduces sample.py within 1/255 in a fresh process."""
+    teacher, data, r = tiny_sdxl(tmp_path / "teacher"), sd_run / "data", tmp_path / "run"
+    flags = ["--teacher", teacher, "--run-dir", r, "--prompts", data / "prompts.txt"]
+    run("precompute.py", *flags, "--num-pairs", 4, "--sampling-steps", 2)
+    run("distill.py", *flags, "--data-dir", data, "--reg-weight", 0, "--gan-weight", 1e-2, "--guidance", 2,
+        "--steps", 2, "--batch-size", 4, "--probe-every", 0)
+    index = read_json(r / "dmd" / "pipeline" / "model_index.json")
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert (r / "dmd" / "student" / "text_encoder_2" / "config.json").is_file()
+    assert pipeline_matches_sample_py(r, teacher, data / "prompts.txt", tmp_path) <= 1 / 255 + 1e-6
