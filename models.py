@@ -362,7 +362,8 @@ class Denoiser(nn.Module):
         t = T-1 on CIFAR-10's schedule), so under bf16/fp16 autocast the samples where that factor exceeds 1 (ᾱ_t <
         1/2) are computed in float32; the others, and other teachers, keep the autocast dtype."""
         if realism:  # (the head is trained, so float32, where the features may come from bf16 weights)
-            return self.head((self.bottleneck(x_t, t, y) if features is None else features).float(), y)
+            features = self.bottleneck(x_t, t, y) if features is None else features
+            return self.head(tuple(f.float() for f in features) if isinstance(features, tuple) else features.float(), y)
         device = x_t.device.type
         if not (for_x0 and torch.is_autocast_enabled(device)):
             return self.raw(x_t, t, y)
@@ -381,8 +382,8 @@ class Denoiser(nn.Module):
     @property
     def dtype(self):
         """The dtype the backbone's weights are stored in (float32, or bf16 for frozen ones: distill.py
-        --frozen-dtype; LoRA adapters on a bf16 base stay float32)."""
-        return next(p for name, p in self.backbone.named_parameters() if "lora_" not in name).dtype
+        --frozen-dtype; LoRA adapters on a bf16 base stay float32); None for a backbone without weights."""
+        return next((p.dtype for name, p in self.backbone.named_parameters() if "lora_" not in name), None)
 
     def raw(self, x_t, t, y=None):
         """The backbone's output, as it comes (a DiT's learned-σ half, where it has one, split off), at the network
@@ -392,7 +393,7 @@ class Denoiser(nn.Module):
         for layer in self.lora_layers:  # this network's adapter on the shared base (peft's set_adapter would also
             layer._disable_adapters = self.adapter is None  # flip requires_grad, cutting netG's gradient through µfake)
             layer._active_adapter = [self.adapter] if self.adapter else layer._active_adapter
-        dtype = self.dtype
+        dtype = self.dtype or x_t.dtype
         x = x_t.to(dtype)
         if self.text is not None:  # y: the prompts' labels, None = the empty prompt
             y = torch.full((len(x_t),), self.null_label, device=x_t.device) if y is None else y
