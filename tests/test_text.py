@@ -330,3 +330,9 @@ def test_sdxl_pipeline_in_sdxl_pipeline_out(sd_run, tmp_path):
     assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
     assert (r / "dmd" / "student" / "text_encoder_2" / "config.json").is_file()
     assert pipeline_matches_sample_py(r, teacher, data / "prompts.txt", tmp_path) <= 1 / 255 + 1e-6
+    import shutil
+    shutil.rmtree(teacher / "text_encoder_2")  # an SDXL UNet without its second encoder: one line, exit 2
+    r = run("sample.py", "--teacher", teacher, "--run-dir", tmp_path / "x", "--prompts", data / "prompts.txt",
+            check=False, limit=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "SDXL) with no text_encoder/, tokenizer/, " \
+        "text_encoder_2/, tokenizer_2/ beside it" in r.stderr, r.stderr[-2000:]
