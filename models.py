@@ -517,9 +517,7 @@ def make_dmd_networks(backbone, scheduler, gan_head=False, seed=0, head_input="b
             channels, num_classes = bottleneck_channels(backbone, head_input), class_labels_of(backbone)[0]
             head = (LevelHeads if isinstance(channels, tuple) else DiscriminatorHead)(channels, num_classes)
     if lora_rank:
-        from diffusers.training_utils import cast_training_params
-        add_lora(cast_frozen(backbone, frozen_dtype), lora_rank, ("generator", "fake"))
-        cast_training_params(backbone, torch.float32)  # (peft makes the adapters in their base layer's dtype)
+        add_lora(backbone, lora_rank, ("generator", "fake"), frozen_dtype)
         return (Denoiser(backbone, scheduler, vae, text, adapter="generator").eval(),
                 Denoiser(backbone, scheduler, vae, text, head_input=head_input).eval(),
                 Denoiser(backbone, scheduler, vae, text, head, head_input, adapter="fake").eval())
@@ -535,11 +533,13 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv_shortcut", "time_emb_proj")
 
 
-def add_lora(backbone, rank, names):
+def add_lora(backbone, rank, names, frozen_dtype=torch.float32):
     """A LoRA adapter of `rank` per name on `backbone` (peft, through diffusers' add_adapter; B = 0 at start, so each
-    adapted network starts as the base), the base frozen and the adapters trained. One line where peft cannot wrap
-    the backbone."""
+    adapted network starts as the base), the base frozen, stored in `frozen_dtype`, and the adapters trained, in
+    float32. One line where peft cannot wrap the backbone."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
+    cast_frozen(backbone, frozen_dtype)
     targets = [t for t in LORA_TARGETS if any(name.endswith(t) for name, _ in backbone.named_modules())]
     backbone.requires_grad_(False)
     try:
@@ -553,6 +553,7 @@ def add_lora(backbone, rank, names):
                         f"use a diffusers UNet (UNet2DModel, UNet2DConditionModel), or drop --lora-rank")
     for name, p in backbone.named_parameters():
         p.requires_grad_(any(f".{adapter}." in name for adapter in names))
+    cast_training_params(backbone, torch.float32)  # (peft makes the adapters in their base layer's dtype)
 
 
 def check_guidance(den, s, source):

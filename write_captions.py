@@ -57,18 +57,18 @@ def main():
     shutil.rmtree(stage, ignore_errors=True)
     for folder in folders:
         os.makedirs(os.path.join(stage, folder))
-    rows, captions = [], args.templates
+    rows, templates = [], args.templates
     for i in progress(range(len(images)), desc="captions"):
         x, y = images[i]
         file_name = f"{folders[int(y)]}/{i:06d}.png"
         u8 = to_uint8(x).permute(1, 2, 0).squeeze(-1).numpy()
         Image.fromarray(u8).save(os.path.join(stage, file_name))
-        rows.append(dict(file_name=file_name, text=captions[i % len(captions)].format(names[int(y)].lower())))
+        rows.append(dict(file_name=file_name, text=templates[i % len(templates)].format(names[int(y)].lower())))
     with open(os.path.join(stage, "metadata.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    prompts = [[t.format(n.lower()) for t in captions] for n in names]  # prompts[k][j]: class k in template j
-    held_out = [prompts[k][k % len(captions)] for k in range(len(names))]
-    distilled = [prompts[k][j] for j in range(len(captions)) for k in range(len(names)) if j != k % len(captions)]
+    prompts = [[t.format(n.lower()) for t in templates] for n in names]  # prompts[k][j]: class k in template j
+    held_out = [prompts[k][k % len(templates)] for k in range(len(names))]
+    distilled = [prompts[k][j] for j in range(len(templates)) for k in range(len(names)) if j != k % len(templates)]
     for name, lines in (("prompts.txt", distilled), ("eval_prompts.txt", held_out)):
         with open(os.path.join(stage, name), "w", encoding="utf-8") as f:
             f.writelines(line + "\n" for line in lines)

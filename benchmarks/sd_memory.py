@@ -54,7 +54,6 @@ def one_condition(name, rank, limit_gb, width, frozen_dtype):
     import torch
     from accelerate import Accelerator
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import cast_training_params
     import dmd
     from models import Denoiser, TextEncoder, add_lora, cast_frozen, make_dmd_networks, make_text_encoder
     frozen = getattr(torch, frozen_dtype)
@@ -71,8 +70,7 @@ def one_condition(name, rank, limit_gb, width, frozen_dtype):
         nets = make_dmd_networks(unet, scheduler, gan_head=True, text=text, frozen_dtype=frozen)
         net_g, mu_real, mu_fake = nets
         for den, adapter in ((net_g, "generator"), (mu_fake, "fake")):
-            add_lora(cast_frozen(den.backbone, frozen), rank, (adapter,))
-            cast_training_params(den.backbone, torch.float32)
+            add_lora(den.backbone, rank, (adapter,), frozen)
         net_g = Denoiser(net_g.backbone, scheduler, text=text, adapter="generator")
         mu_fake = Denoiser(mu_fake.backbone, scheduler, text=text, head=mu_fake.head, adapter="fake")
     else:
